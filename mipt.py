@@ -1,0 +1,576 @@
+"""
+mipt.py: MIPT-SSM in one file.
+
+MIPT-SSM (Y. Fan, arXiv 2604.07716) is a sequence model whose state is a complex "wave" h_t in C^D.
+Each token measures the state at a learned rate p_t in (0, 1), per channel:
+
+    h_t = (1 - p_t) * exp(i theta_t) * h_{t-1}  +  p_t * u_t          y_t = Re h_t
+
+* p -> 0, the wave phase: the state only rotates. Its norm is kept, so old tokens interfere
+  instead of being forgotten.
+* p -> 1, the particle phase: the state collapses onto the current token u_t.
+
+Because the gate changes from token to token, the layer escapes the paper's no-go theorem (one fixed
+operator cannot both keep every norm and erase a chosen state). The recurrence is a first-order linear
+scan h_t = a_t h_{t-1} + b_t, so training runs it in parallel over time and decoding runs it one token
+at a time with O(1) state.
+
+Tokens measured hard are "facts": a causal sparse cache keeps the K tokens with the highest score
+s_t = mean_d p_t and every position reads it with attention, fused into y through a sigmoid gate.
+Decoding then needs O(D) state plus an O(K D) cache per layer, where a Transformer needs O(T D).
+
+Glossary (code name: paper symbol, shape)
+    logit   W_p x_t + bias           pre-sigmoid measurement, (B, T, D); its bias starts at
+                                     logit(p_init) = logit(0.1), so a fresh model is in the wave phase
+    p       p_t = sigmoid(logit)     measurement rate, (B, T, D)
+    theta   theta_t = W_theta x_t    phase angle, (B, T, D); weights start 10x smaller than the rest
+    u       u_t = W_r x_t + i W_i x_t   the token written into the state, complex (B, T, D)
+    a, b    a_t = (1-p_t) e^{i theta_t}, b_t = p_t u_t   the scan's gate and input, complex (B, T, D)
+    h       h_t                      the complex state, (B, T, D); h_0 = 0
+    y       y_t = Re h_t             the layer's output, (B, T, D)
+    s       s_t = mean_d p_t         a token's measurement score, (B, T)
+    tau     cache_tau                a token is eligible for the cache when s_t > tau
+    K       cache_size               cache slots per layer (0: no cache, -1: unbounded)
+
+Contents, top to bottom: config, scans, the MIPT recurrence, the causal sparse cache, the blocks
+(MIPT and its Transformer twin), the model, decoding.
+"""
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class MIPTConfig:
+    vocab_size: int = 65
+    block_size: int = 256        # longest training sequence (MIPT itself has no length limit)
+    n_layer: int = 4
+    n_embd: int = 128
+    n_head: int = 4              # heads of the cache read-out (MIPT) or of self-attention (twin)
+    dropout: float = 0.0
+    bias: bool = True
+    mixer: str = 'mipt'          # 'mipt' | 'attention' (the Transformer twin)
+    attn_impl: str = 'sdpa'      # 'sdpa' (fused) | 'naive' (materialises T x T, for the memory figure)
+    cache_size: int = 16         # K: 0 = no cache, -1 = unbounded
+    cache_tau: float = 0.0       # tau: eligible when s_t > tau
+    cache_chunk: int = 128       # L: query chunk of the exact causal cache in training
+    p_init: float = 0.1          # initial measurement rate
+    p_penalty: float = 0.0       # optional sparsity penalty on s, added to the loss
+    n_classes: int = 0           # 0 = language model, > 0 = classifier
+    scan_impl: str = 'auto'      # 'auto' (CUDA kernel when available) | 'torch' | 'cuda'
+
+    def __post_init__(self):
+        def need(ok, msg):
+            if not ok:
+                raise ValueError(msg)
+        need(self.mixer in ('mipt', 'attention'), f"mixer must be 'mipt' or 'attention', got {self.mixer!r}")
+        need(self.attn_impl in ('sdpa', 'naive'), f"attn_impl must be 'sdpa' or 'naive', got {self.attn_impl!r}")
+        need(self.scan_impl in ('auto', 'torch', 'cuda'),
+             f"scan_impl must be 'auto', 'torch' or 'cuda', got {self.scan_impl!r}")
+        for name in ('vocab_size', 'block_size', 'n_layer', 'n_embd', 'n_head', 'cache_chunk'):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        need(self.n_embd % self.n_head == 0,
+             f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); change one of them")
+        need(self.cache_size >= -1, f"cache_size must be -1 (unbounded), 0 (no cache) or K > 0, got {self.cache_size}")
+        need(0.0 <= self.cache_tau < 1.0, f"cache_tau must lie in [0, 1) since s_t is a mean of sigmoids, got {self.cache_tau}")
+        need(0.0 < self.p_init < 1.0, f"p_init must lie in (0, 1), got {self.p_init}")
+        need(0.0 <= self.dropout < 1.0, f"dropout must lie in [0, 1), got {self.dropout}")
+        need(self.n_classes >= 0, f"n_classes must be 0 (language model) or > 0, got {self.n_classes}")
+        need(self.p_penalty >= 0.0, f"p_penalty must be >= 0, got {self.p_penalty}")
+        if self.mixer == 'attention':
+            need(self.cache_size == 0 or self.cache_size == MIPTConfig.cache_size,
+                 "the attention mixer has no sparse cache: set cache_size=0 (or leave it at its default)")
+            need(self.p_penalty == 0.0, "p_penalty only applies to mixer='mipt'")
+
+    @property
+    def K(self):
+        """Cache slots, None when unbounded."""
+        return None if self.cache_size == -1 else self.cache_size
+
+
+# -----------------------------------------------------------------------------
+# Scans: h_t = a_t * h_{t-1} + b_t over complex (B, T, D) tensors
+
+
+def scan_ref(a, b, h0=None):
+    """The reference: a sequential loop over time. a, b complex (B, T, D); h0 (B, D) or None."""
+    h = torch.zeros_like(b[:, 0]) if h0 is None else h0.to(b.dtype)
+    hs = []
+    for t in range(a.shape[1]):
+        h = a[:, t] * h + b[:, t]
+        hs.append(h)
+    return torch.stack(hs, dim=1)
+
+
+def scan(a, b, h0=None):
+    """The same function in parallel over time: a chunked scan, exact and differentiable.
+
+    Time is cut into C chunks of L ~ sqrt(T) steps. (1) Each chunk scans its own steps from a zero
+    state, all chunks at once, and keeps the running product of its gates. (2) A short loop over chunks
+    carries the state from one chunk to the next. (3) Each step adds its chunk's incoming state times
+    its running gate product. That is L + C sequential steps over (B, C, D) tensors instead of T over
+    (B, D), with O(B T D) memory. Only forward multiplications: no division by gate products, which
+    lose precision when |a| is near 1.
+    """
+    B, T, D = b.shape
+    L = max(1, math.isqrt(T))
+    C = -(-T // L)
+    pad = C * L - T
+    if pad:  # identity steps at the end change nothing before them
+        a = torch.cat([a, a.new_ones(B, pad, D)], dim=1)
+        b = torch.cat([b, b.new_zeros(B, pad, D)], dim=1)
+    a = a.view(B, C, L, D)
+    b = b.view(B, C, L, D)
+    # (1) local scans and running gate products, all chunks at once
+    h = b.new_zeros(B, C, D)
+    A = a.new_ones(B, C, D)
+    hs, As = [], []
+    for l in range(L):
+        h = a[:, :, l] * h + b[:, :, l]
+        A = A * a[:, :, l]
+        hs.append(h)
+        As.append(A)
+    h_loc = torch.stack(hs, dim=2)  # (B, C, L, D)
+    A_loc = torch.stack(As, dim=2)  # (B, C, L, D)
+    # (2) the state entering each chunk
+    carry = b.new_zeros(B, D) if h0 is None else h0.to(b.dtype)
+    starts = []
+    for c in range(C):
+        starts.append(carry)
+        carry = A_loc[:, c, -1] * carry + h_loc[:, c, -1]
+    start = torch.stack(starts, dim=1)  # (B, C, D)
+    # (3) fix-up
+    h = h_loc + A_loc * start[:, :, None]
+    return h.reshape(B, C * L, D)[:, :T]
+
+
+def mipt_recurrence(logit, theta, u_re, u_im, h0=None, impl='auto'):
+    """The MIPT recurrence from the layer's projections. Inputs (B, T, D) real, h0 (B, D) complex or None.
+    Returns y = Re h (B, T, D) and the last state h_T (B, D), in float32 (float64 for float64 inputs),
+    also under bf16 autocast: the state accumulates and PyTorch has no complex bf16."""
+    if impl == 'cuda' or (impl == 'auto' and logit.is_cuda):
+        kernels = _kernels(required=(impl == 'cuda'))
+        if kernels is not None and logit.is_cuda:
+            return MIPTScanCUDA.apply(logit, theta, u_re, u_im, h0)
+    dtype = torch.promote_types(logit.dtype, torch.float32)
+    p = torch.sigmoid(logit.to(dtype))
+    a = torch.polar(1 - p, theta.to(dtype))             # (B, T, D) complex
+    b = p * torch.complex(u_re.to(dtype), u_im.to(dtype))  # (B, T, D) complex
+    h = scan(a, b, h0)
+    return h.real, h[:, -1]
+
+
+# -----------------------------------------------------------------------------
+# The causal sparse cache
+
+
+@torch.no_grad()
+def select_cache(s, K, tau, L):
+    """Exact causal cache membership, chunk by chunk.
+
+    s: (B, T) scores. The cache at position i holds the K highest-scoring eligible (s_j > tau) tokens
+    j <= i; ties rank the earlier token higher. Queries are cut into chunks of L positions; chunk c's
+    candidates are the cache carried in from the previous chunk plus its own L positions, since the top-K
+    of a union is the top-K of (top-K of the prefix) and the new items. Memory is O(T (K + L)).
+
+    Returns cand (B, C, K + L) candidate positions (-1 = none) and member (B, C, L, K + L), True where
+    candidate j is in the cache of the chunk's query l.
+    """
+    B, T = s.shape
+    C = -(-T // L)
+    s = F.pad(s.float(), (0, C * L - T), value=-math.inf)  # padded positions are never eligible
+    eligible = s > tau
+    carry = torch.full((B, K), -1, dtype=torch.long, device=s.device)
+    cands, members = [], []
+    with torch.autocast(device_type=s.device.type, enabled=False):  # counts below must stay exact
+        for c in range(C):
+            qpos = torch.arange(c * L, (c + 1) * L, device=s.device)           # (L,)
+            cand = torch.cat([carry, qpos.expand(B, L)], dim=1)                 # (B, K+L)
+            ok = cand >= 0
+            cs = torch.where(ok, s.gather(1, cand.clamp(min=0)), -math.inf)     # (B, K+L)
+            ok &= eligible.gather(1, cand.clamp(min=0))
+            # beats[m, j]: candidate m ranks above candidate j
+            beats = (cs[:, :, None] > cs[:, None, :]) | (
+                (cs[:, :, None] == cs[:, None, :]) & (cand[:, :, None] < cand[:, None, :]))
+            visible = ok[:, None, :] & (cand[:, None, :] <= qpos[None, :, None])  # (B, L, K+L)
+            n_above = torch.bmm(visible.float(), beats.float())                    # (B, L, K+L)
+            member = visible & (n_above < K)
+            cands.append(cand)
+            members.append(member)
+            carry = torch.where(member[:, -1], cand, -1).sort(dim=1, descending=True).values[:, :K]
+    return torch.stack(cands, 1), torch.stack(members, 1)
+
+
+class SparseCache(nn.Module):
+    """Reads the cache with multi-head attention and fuses it into y: out = y + g * attend(q, cache).
+
+    Keys and values are projected from y_j; log s_j is added to the logits, so p learns what is worth
+    storing (selection itself has no gradient). A learned null slot makes an empty cache well defined."""
+
+    def __init__(self, config):
+        super().__init__()
+        D, H = config.n_embd, config.n_head
+        self.n_head, self.K, self.tau, self.L = H, config.K, config.cache_tau, config.cache_chunk
+        self.qkv = nn.Linear(D, 3 * D, bias=config.bias)
+        self.gate = nn.Linear(D, D, bias=config.bias)
+        self.proj = nn.Linear(D, D, bias=config.bias)
+        self.null_k = nn.Parameter(torch.randn(H, D // H) * 0.02)
+        self.null_v = nn.Parameter(torch.zeros(H, D // H))
+
+    def forward(self, y, s, want_state=False):
+        # y (B, T, D) the scan output, s (B, T) scores
+        B, T, D = y.shape
+        H, hd, L = self.n_head, D // self.n_head, self.L
+        K = T if self.K is None else self.K            # unbounded: K = T never evicts (quadratic)
+        cand, member = select_cache(s.detach(), K, self.tau, L)  # (B, C, K+L), (B, C, L, K+L)
+        C = cand.shape[1]
+        q, k, v = F.pad(self.qkv(y), (0, 0, 0, C * L - T)).split(D, dim=2)  # (B, C*L, D) each
+        q = q.view(B * C, L, H, hd).transpose(1, 2)    # (B*C, H, L, hd)
+        rows = torch.arange(B, device=y.device)[:, None, None]
+        idx = cand.clamp(min=0)
+        logs = F.pad(torch.log(s.clamp(min=1e-30)), (0, C * L - T))  # (B, C*L)
+        kc = torch.cat([k[rows, idx].view(B * C, K + L, H, hd), self.null_k.expand(B * C, 1, H, hd).to(k.dtype)], 1)
+        vc = torch.cat([v[rows, idx].view(B * C, K + L, H, hd), self.null_v.expand(B * C, 1, H, hd).to(v.dtype)], 1)
+        bias = torch.where(member, logs[rows, idx][:, :, None, :], -math.inf)   # (B, C, L, K+L)
+        bias = F.pad(bias, (0, 1), value=0.0).view(B * C, 1, L, K + L + 1)      # the null slot
+        att = F.scaled_dot_product_attention(q, kc.transpose(1, 2), vc.transpose(1, 2), attn_mask=bias.to(q.dtype))
+        att = att.transpose(1, 2).reshape(B, C * L, D)[:, :T]  # (B, T, D)
+        out = y + torch.sigmoid(self.gate(y)) * self.proj(att)
+        if not want_state:
+            return out, None
+        # the decoding state after the last position: the cache of its row
+        c, l = divmod(T - 1, L)
+        pos = torch.where(member[:, c, l], cand[:, c], -1).sort(dim=1, descending=True).values[:, :K]  # (B, K)
+        keep, r = pos >= 0, torch.arange(B, device=y.device)[:, None]
+        st = {'k': k[r, pos.clamp(min=0)].view(B, K, H, hd).transpose(1, 2),  # (B, H, K, hd)
+              'v': v[r, pos.clamp(min=0)].view(B, K, H, hd).transpose(1, 2),
+              'score': torch.where(keep, s.detach()[r, pos.clamp(min=0)], -math.inf),  # (B, K)
+              'pos': pos}
+        return out, st
+
+    def empty_state(self, B, device, dtype):
+        K, H, hd = self.K or 0, self.n_head, self.qkv.in_features // self.n_head
+        return {'k': torch.zeros(B, H, K, hd, device=device, dtype=dtype),
+                'v': torch.zeros(B, H, K, hd, device=device, dtype=dtype),
+                'score': torch.full((B, K), -math.inf, device=device, dtype=dtype),
+                'pos': torch.full((B, K), -1, dtype=torch.long, device=device)}
+
+    def step(self, y, s, t, st):
+        """One position. y (B, D), s (B,), t the position; st holds k, v (B, H, K, hd), score, pos (B, K)."""
+        B, D = y.shape
+        H, hd = self.n_head, D // self.n_head
+        q, k, v = self.qkv(y).view(B, 3, H, hd).unbind(1)   # (B, H, hd) each
+        eligible = s > self.tau
+        if self.K is None and bool(eligible.any()):        # unbounded: open a slot, never evict
+            st['k'] = torch.cat([st['k'], k.new_zeros(B, H, 1, hd)], 2)
+            st['v'] = torch.cat([st['v'], v.new_zeros(B, H, 1, hd)], 2)
+            st['score'] = F.pad(st['score'], (0, 1), value=-math.inf)
+            st['pos'] = F.pad(st['pos'], (0, 1), value=-1)
+        if st['pos'].shape[1] > 0:
+            # the weakest slot: lowest score, the latest among equal scores; empty slots score -inf
+            score, pos = st['score'], st['pos']
+            weakest = torch.where(score == score.min(1, keepdim=True).values, pos, -2).argmax(1)  # (B,)
+            take = eligible & (s.to(score.dtype) > score.gather(1, weakest[:, None])[:, 0])       # (B,)
+            b = torch.nonzero(take)[:, 0]
+            w = weakest[b]
+            st['k'][b, :, w], st['v'][b, :, w] = k[b], v[b]
+            st['score'][b, w] = s[b].to(score.dtype)
+            st['pos'][b, w] = t
+        # attend over the filled slots plus the null slot
+        valid = st['pos'] >= 0                                                      # (B, K)
+        logits = torch.einsum('bhd,bhkd->bhk', q, st['k']) / math.sqrt(hd)
+        logits = logits + torch.where(valid, torch.log(st['score'].clamp(min=1e-30)), -math.inf)[:, None]
+        null = (q * self.null_k.to(q.dtype)).sum(-1, keepdim=True) / math.sqrt(hd)  # (B, H, 1)
+        w = torch.softmax(torch.cat([logits, null], -1), -1)                       # (B, H, K+1)
+        att = torch.einsum('bhk,bhkd->bhd', w[..., :-1], st['v']) + w[..., -1:] * self.null_v.to(v.dtype)
+        return y + torch.sigmoid(self.gate(y)) * self.proj(att.reshape(B, D))
+
+
+# -----------------------------------------------------------------------------
+# Blocks
+
+
+class MIPTLayer(nn.Module):
+    """x -> (logit, theta, u) -> the recurrence -> y = Re h -> the sparse cache (when K != 0)."""
+
+    def __init__(self, config):
+        super().__init__()
+        D = config.n_embd
+        self.n_embd, self.scan_impl = D, config.scan_impl
+        self.proj = nn.Linear(D, 4 * D, bias=True)  # rows: [W_p | W_theta | W_r | W_i]
+        self.cache = SparseCache(config) if config.cache_size != 0 else None
+        self.last_s = None  # (B, T) scores of the last forward pass, for probing
+
+    def forward(self, x, want_state=False):
+        # x (B, T, D), normalised
+        logit, theta, u_re, u_im = self.proj(x).chunk(4, dim=-1)              # (B, T, D) each
+        y, h_last = mipt_recurrence(logit, theta, u_re, u_im, impl=self.scan_impl)  # (B, T, D), (B, D)
+        s = torch.sigmoid(logit.to(y.dtype)).mean(-1)                          # (B, T)
+        self.last_s = s.detach()
+        out, st = (y, {}) if self.cache is None else self.cache(y, s, want_state)
+        if want_state:
+            st = {'h': h_last, **st, 's': s[:, -1].detach(), 't': x.shape[1]}
+        return out, s, st
+
+    def init_state(self, B, device, dtype):
+        st = {} if self.cache is None else self.cache.empty_state(B, device, dtype)
+        return {'h': torch.zeros(B, self.n_embd, device=device, dtype=_complex(dtype)), **st,
+                's': torch.zeros(B, device=device, dtype=dtype), 't': 0}
+
+    def step(self, x, st):
+        # x (B, D): one token; the same arithmetic as forward, one position at a time
+        logit, theta, u_re, u_im = self.proj(x).chunk(4, dim=-1)               # (B, D) each
+        dtype = torch.promote_types(logit.dtype, torch.float32)
+        p = torch.sigmoid(logit.to(dtype))
+        h = torch.polar(1 - p, theta.to(dtype)) * st['h'] + p * torch.complex(u_re.to(dtype), u_im.to(dtype))
+        s = p.mean(-1)                                                         # (B,)
+        y = h.real if self.cache is None else self.cache.step(h.real, s, st['t'], st)
+        st.update(h=h, s=s, t=st['t'] + 1)
+        return y, st
+
+
+class SelfAttention(nn.Module):
+    """Causal multi-head self-attention: the Transformer twin's mixer."""
+
+    def __init__(self, config):
+        super().__init__()
+        D = config.n_embd
+        self.n_head, self.impl, self.dropout = config.n_head, config.attn_impl, config.dropout
+        self.c_attn = nn.Linear(D, 3 * D, bias=config.bias)
+        self.c_proj = nn.Linear(D, D, bias=config.bias)
+
+    def _heads(self, x):
+        B, T, D = x.shape
+        return [t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(D, dim=2)]
+
+    def forward(self, x, want_state=False):
+        B, T, D = x.shape
+        q, k, v = self._heads(x)  # (B, H, T, hd) each
+        drop = self.dropout if self.training else 0.0
+        if self.impl == 'sdpa':
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
+        else:  # naive: the T x T matrix in memory, as in the paper's memory figure
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+            att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), -math.inf)
+            y = F.dropout(torch.softmax(att, dim=-1), drop, self.training) @ v
+        out = self.c_proj(y.transpose(1, 2).reshape(B, T, D))
+        return out, None, ({'k': k, 'v': v, 't': T} if want_state else None)
+
+    def init_state(self, B, device, dtype):
+        hd = self.c_proj.in_features // self.n_head
+        empty = torch.zeros(B, self.n_head, 0, hd, device=device, dtype=dtype)
+        return {'k': empty, 'v': empty.clone(), 't': 0}
+
+    def step(self, x, st):
+        q, k, v = self._heads(x[:, None])  # (B, H, 1, hd)
+        st['k'], st['v'] = torch.cat([st['k'], k], 2), torch.cat([st['v'], v], 2)
+        y = F.scaled_dot_product_attention(q, st['k'], st['v'])  # every cached key is in the past
+        st['t'] += 1
+        return self.c_proj(y.reshape(x.shape)), st
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """LayerNorm -> mixer (MIPT + cache, or attention) -> residual -> LayerNorm -> FFN -> residual."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mix = MIPTLayer(config) if config.mixer == 'mipt' else SelfAttention(config)
+        self.drop = nn.Dropout(config.dropout)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, want_state=False):
+        m, s, st = self.mix(self.ln_1(x), want_state)
+        x = x + self.drop(m)
+        return x + self.mlp(self.ln_2(x)), s, st
+
+    def step(self, x, st):
+        m, st = self.mix.step(self.ln_1(x), st)
+        x = x + m
+        return x + self.mlp(self.ln_2(x)), st
+
+
+def _complex(dtype):
+    return torch.complex128 if dtype == torch.float64 else torch.complex64
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class MIPT(nn.Module):
+    """A language model (n_classes = 0, head tied to the embedding) or a classifier read causally at
+    each sequence's last real token. mixer='attention' turns it into the Transformer twin: the same
+    embedding, LayerNorms, FFN, head and initialisation, plus learned positions."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        D = config.n_embd
+        self.wte = nn.Embedding(config.vocab_size, D)
+        self.wpe = nn.Embedding(config.block_size, D) if config.mixer == 'attention' else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(D, bias=config.bias)
+        if config.n_classes:
+            self.head = nn.Linear(D, config.n_classes)
+        else:
+            self.head = nn.Linear(D, config.vocab_size, bias=False)
+            self.head.weight = self.wte.weight  # tied
+        self.apply(self._init_weights)
+        for name, w in self.named_parameters():  # residual projections, scaled as in GPT-2
+            if name.endswith(('c_proj.weight', 'cache.proj.weight')):
+                nn.init.normal_(w, 0.0, 0.02 / math.sqrt(2 * config.n_layer))
+        for block in self.blocks:
+            if isinstance(block.mix, MIPTLayer):
+                with torch.no_grad():
+                    block.mix.proj.bias[:D] = math.log(config.p_init / (1 - config.p_init))  # wave phase
+                    block.mix.proj.weight[D:2 * D] *= 0.1                                     # small theta
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0.0, 0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, 0.02)
+
+    def get_num_params(self, non_embedding=True):
+        """Parameters; non_embedding leaves out the token (and position) embeddings, as the paper counts."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
+        return n
+
+    def _embed(self, idx, t0=0):
+        x = self.wte(idx)
+        if self.wpe is not None:
+            T = idx.shape[-1] if idx.dim() == 2 else 1
+            if t0 + T > self.config.block_size:
+                raise ValueError(f"the attention twin has learned positions up to block_size="
+                                 f"{self.config.block_size}, got position {t0 + T - 1}; crop the context")
+            x = x + self.wpe(torch.arange(t0, t0 + T, device=idx.device)).squeeze(0)
+        return self.drop(x)
+
+    def _body(self, idx, want_state=False):
+        if idx.dim() != 2:
+            raise ValueError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
+        x = self._embed(idx)
+        scores, states = [], []
+        for block in self.blocks:
+            x, s, st = block(x, want_state)
+            scores.append(s)
+            states.append(st)
+        return self.ln_f(x), scores, states
+
+    def forward(self, idx, targets=None, lengths=None, labels=None):
+        """idx (B, T). LM: targets (B, T), -1 ignored, gives logits (B, T, V).
+        Classifier: targets (or labels) (B,) and lengths (B,) real tokens per right-padded row, gives
+        logits (B, n_classes) read at position lengths - 1, exactly as each row would classify alone."""
+        targets = labels if labels is not None else targets
+        x, scores, _ = self._body(idx)                    # (B, T, D)
+        if self.config.n_classes:
+            last = (lengths - 1) if lengths is not None else torch.full_like(idx[:, 0], idx.shape[1] - 1)
+            logits = self.head(x[torch.arange(x.shape[0], device=x.device), last])  # (B, n_classes)
+            loss = None if targets is None else F.cross_entropy(logits.float(), targets)
+        else:
+            logits = self.head(x)                         # (B, T, V)
+            loss = None if targets is None else F.cross_entropy(
+                logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
+        if loss is not None and self.config.p_penalty and scores[0] is not None:
+            loss = loss + self.config.p_penalty * torch.stack([s.mean() for s in scores]).mean()
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW; matrices decay, biases, gains and the null slot's vectors... only 2-D tensors decay."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+                  {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=(device_type == 'cuda'))
+
+    @torch.no_grad()
+    def probe(self, idx, lengths=None):
+        """Measurement statistics per layer: the mean score s, and the mean number of cached tokens at
+        each row's last real position. For a finite K the cache there holds min(K, #eligible so far)."""
+        was = self.training
+        self.eval()
+        _, scores, _ = self._body(idx)
+        self.train(was)
+        if scores[0] is None:
+            return {'p_mean': [], 'cache_fill': [], 's': []}
+        B, T = idx.shape
+        n = lengths if lengths is not None else torch.full((B,), T, device=idx.device)
+        real = torch.arange(T, device=idx.device)[None] < n[:, None]     # (B, T)
+        p_mean, fill = [], []
+        for s in scores:
+            p_mean.append((s * real).sum().item() / real.sum().item())
+            n_elig = ((s > self.config.cache_tau) & real).sum(1).float()   # (B,)
+            K = self.config.K
+            fill.append((n_elig if K is None else n_elig.clamp(max=K)).mean().item())
+        return {'p_mean': p_mean, 'cache_fill': fill, 's': scores}
+
+    # -------------------------------------------------------------------------
+    # Decoding: O(1) state per layer for MIPT with finite K
+
+    def init_state(self, batch_size):
+        w = self.wte.weight
+        return [block.mix.init_state(batch_size, w.device, w.dtype) for block in self.blocks]
+
+    def step(self, idx_t, state):
+        """Consume one token per row, idx_t (B,). Returns logits (B, V) or (B, n_classes), and the state."""
+        x = self._embed(idx_t, t0=state[0]['t'])          # (B, D)
+        new = []
+        for block, st in zip(self.blocks, state):
+            x, st = block.step(x, st)
+            new.append(st)
+        return self.head(self.ln_f(x)), new
+
+    @torch.no_grad()
+    def prefill(self, idx):
+        """A parallel pass over a prompt (B, T). Returns the last position's logits and the decoding state,
+        equal to stepping through the prompt token by token."""
+        x, _, states = self._body(idx, want_state=True)
+        return self.head(x[:, -1]), states
+
+    @staticmethod
+    def state_bytes(state):
+        return sum(v.numel() * v.element_size() for st in state for v in st.values() if torch.is_tensor(v))
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Continue idx (B, T) by max_new_tokens sampled tokens, with the state of prefill and step."""
+        if self.config.n_classes:
+            raise ValueError("generate needs a language model; this model is a classifier (n_classes > 0)")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        logits, state = self.prefill(idx)
+        for _ in range(max_new_tokens):
+            logits = logits.float() / temperature
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.shape[-1]))
+                logits[logits < v[:, [-1]]] = -math.inf
+            nxt = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
+            idx = torch.cat([idx, nxt], dim=1)
+            logits, state = self.step(nxt[:, 0], state)
+        return idx
