@@ -280,11 +280,11 @@ class SparseCache(nn.Module):
             score, pos = st['score'], st['pos']
             weakest = torch.where(score == score.min(1, keepdim=True).values, pos, -2).argmax(1)  # (B,)
             take = eligible & (s.to(score.dtype) > score.gather(1, weakest[:, None])[:, 0])       # (B,)
-            b = torch.nonzero(take)[:, 0]
-            w = weakest[b]
-            st['k'][b, :, w], st['v'][b, :, w] = k[b], v[b]
-            st['score'][b, w] = s[b].to(score.dtype)
-            st['pos'][b, w] = t
+            put = F.one_hot(weakest, pos.shape[1]).bool() & take[:, None]                        # (B, K)
+            st['k'] = torch.where(put[:, None, :, None], k[:, :, None], st['k'])
+            st['v'] = torch.where(put[:, None, :, None], v[:, :, None], st['v'])
+            st['score'] = torch.where(put, s[:, None].to(score.dtype), score)
+            st['pos'] = torch.where(put, t, pos)
         # attend over the filled slots plus the null slot
         valid = st['pos'] >= 0                                                      # (B, K)
         logits = torch.einsum('bhd,bhkd->bhk', q, st['k']) / math.sqrt(hd)

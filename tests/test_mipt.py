@@ -1,0 +1,383 @@
+"""CPU tests of mipt.py: scans against float64 loops, the exact causal cache, decoding equals the
+parallel forward pass, causality, padding, overfitting, and config errors."""
+
+import math
+
+import pytest
+import torch
+
+import mipt
+from mipt import MIPT, MIPTConfig, scan, scan_ref, select_cache
+
+LENGTHS = [1, 2, 7, 63, 1000, 4099]
+
+
+def make_ab(kind, B, T, D, gen):
+    """Scan inputs of one regime, in float32 complex."""
+    r = lambda *s: torch.rand(*s, generator=gen, dtype=torch.float64)
+    phase = 2 * math.pi * r(B, T, D)
+    u = torch.complex(torch.randn(B, T, D, generator=gen, dtype=torch.float64),
+                      torch.randn(B, T, D, generator=gen, dtype=torch.float64))
+    if kind == 'uniform':      # |a| uniform in (0, 1), b random
+        return torch.polar(r(B, T, D), phase).to(torch.complex64), u.to(torch.complex64)
+    if kind == 'near_one':     # |a| within 1e-4 of 1
+        return torch.polar(1 - 1e-4 * r(B, T, D), phase).to(torch.complex64), u.to(torch.complex64)
+    p = {'p_near_0': 1e-6 + 1e-3 * r(B, T, D), 'p_near_1': 1 - 1e-6 - 1e-3 * r(B, T, D)}[kind]
+    return torch.polar(1 - p, phase).to(torch.complex64), (p * u).to(torch.complex64)
+
+
+def rel_err(x, ref):
+    return ((x.to(ref.dtype) - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+
+
+@pytest.mark.parametrize('T', LENGTHS)
+@pytest.mark.parametrize('kind', ['uniform', 'near_one', 'p_near_0', 'p_near_1'])
+@pytest.mark.parametrize('with_h0', [False, True])
+def test_scan_matches_float64_loop(T, kind, with_h0):
+    gen = torch.Generator().manual_seed(T * 7 + len(kind) + with_h0)
+    B, D = 2, 8
+    a, b = make_ab(kind, B, T, D, gen)
+    h0 = torch.randn(B, D, dtype=torch.complex64, generator=gen) if with_h0 else None
+    ref = scan_ref(a.to(torch.complex128), b.to(torch.complex128), None if h0 is None else h0.to(torch.complex128))
+    assert rel_err(scan(a, b, h0), ref) <= 1e-5
+
+
+def test_scan_ref_is_the_recurrence():
+    a = torch.tensor([[[0.5 + 0.5j]], [[1j]]], dtype=torch.complex128).view(1, 2, 1)
+    b = torch.tensor([1.0 + 0j, 2.0 + 1j], dtype=torch.complex128).view(1, 2, 1)
+    h = scan_ref(a, b, h0=torch.tensor([[2j]], dtype=torch.complex128))
+    h1 = (0.5 + 0.5j) * 2j + 1.0
+    assert torch.allclose(h.flatten(), torch.tensor([h1, 1j * h1 + 2 + 1j], dtype=torch.complex128))
+
+
+@pytest.mark.parametrize('T', [1, 5, 10])
+def test_scan_gradcheck_complex128(T):
+    gen = torch.Generator().manual_seed(T)
+    a = (torch.polar(torch.rand(2, T, 3, generator=gen, dtype=torch.float64),
+                     torch.randn(2, T, 3, generator=gen, dtype=torch.float64))).requires_grad_()
+    b = torch.randn(2, T, 3, dtype=torch.complex128, generator=gen).requires_grad_()
+    h0 = torch.randn(2, 3, dtype=torch.complex128, generator=gen).requires_grad_()
+    assert torch.autograd.gradcheck(scan, (a, b, h0))
+    assert torch.autograd.gradcheck(lambda a, b: scan(a, b), (a, b))
+
+
+def test_recurrence_gradcheck_from_raw_inputs():
+    """The layer's path: logit, theta, u -> y = Re h, last state, all differentiable in float64."""
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, 9, 3, dtype=torch.float64, generator=gen).requires_grad_() for _ in range(4)]
+    h0 = torch.randn(2, 3, dtype=torch.complex128, generator=gen).requires_grad_()
+    f = lambda lg, th, ur, ui, h0: torch.cat(
+        [t.real.flatten() for t in [*mipt.mipt_recurrence(lg, th, ur, ui, h0, impl='torch')[:1]]]
+        + [mipt.mipt_recurrence(lg, th, ur, ui, h0, impl='torch')[1].imag.flatten()])
+    assert torch.autograd.gradcheck(f, (*xs, h0))
+
+
+def test_recurrence_matches_definition():
+    gen = torch.Generator().manual_seed(1)
+    lg, th, ur, ui = [torch.randn(3, 50, 4, dtype=torch.float64, generator=gen) for _ in range(4)]
+    p = torch.sigmoid(lg)
+    h = scan_ref((1 - p) * torch.exp(1j * th), p * (ur + 1j * ui))
+    y, h_last = mipt.mipt_recurrence(lg, th, ur, ui, impl='torch')
+    assert torch.allclose(y, h.real) and torch.allclose(h_last, h[:, -1])
+
+
+# -----------------------------------------------------------------------------
+# The causal cache
+
+
+def brute_force_cache(s, K, tau):
+    """Per position i: the K best eligible j <= i, ranked by score descending, earlier first on ties."""
+    B, T = s.shape
+    out = []
+    for bi in range(B):
+        rows = []
+        for i in range(T):
+            elig = [j for j in range(i + 1) if s[bi, j] > tau]
+            ranked = sorted(elig, key=lambda j: (-float(s[bi, j]), j))
+            rows.append(set(ranked if K is None else ranked[:K]))
+        out.append(rows)
+    return out
+
+
+def cache_sets(s, K, tau, L):
+    B, T = s.shape
+    cand, member = select_cache(s, T if K is None else K, tau, L)
+    out = []
+    for bi in range(B):
+        rows = []
+        for i in range(T):
+            c, l = divmod(i, L)
+            rows.append(set(cand[bi, c][member[bi, c, l]].tolist()))
+        out.append(rows)
+    return out
+
+
+@pytest.mark.parametrize('K,L,T', [(1, 4, 37), (3, 5, 41), (4, 16, 50), (8, 3, 29), (None, 6, 33), (2, 64, 70)])
+@pytest.mark.parametrize('tau', [0.0, 0.5])
+def test_select_cache_matches_brute_force(K, L, T, tau):
+    gen = torch.Generator().manual_seed(T + L)
+    s = torch.rand(3, T, generator=gen)
+    s[0] = (s[0] * 4).floor() / 4          # many ties
+    s[1, ::3] = 1.0                         # saturated sigmoids tie at exactly 1.0
+    assert cache_sets(s, K, tau, L) == brute_force_cache(s, K, tau)
+
+
+def lively(model, scale=0.5):
+    """Spread the measurement logits so that scores vary, ties are rare, and tau=0.5 splits tokens."""
+    torch.manual_seed(123)
+    for block in model.blocks:
+        if isinstance(block.mix, mipt.MIPTLayer):
+            D = block.mix.n_embd
+            torch.nn.init.normal_(block.mix.proj.weight, 0.0, scale)
+            with torch.no_grad():
+                block.mix.proj.bias[:D] = 0.0
+    return model
+
+
+def small(**kw):
+    args = dict(vocab_size=40, block_size=96, n_layer=2, n_embd=32, n_head=4, cache_chunk=8)
+    args.update(kw)
+    return MIPTConfig(**args)
+
+
+def step_all(model, idx):
+    state = model.init_state(idx.shape[0])
+    outs = []
+    for t in range(idx.shape[1]):
+        logits, state = model.step(idx[:, t], state)
+        outs.append(logits)
+    return torch.stack(outs, 1), state
+
+
+@pytest.mark.parametrize('K', [0, 1, 3, -1])
+@pytest.mark.parametrize('tau', [0.0, 0.5])
+def test_step_equals_forward_mipt(K, tau):
+    torch.manual_seed(0)
+    model = lively(MIPT(small(cache_size=K, cache_tau=tau))).double().eval()
+    idx = torch.randint(0, 40, (3, 53))
+    logits, _ = model(idx)
+    stepped, state = step_all(model, idx)
+    assert rel_err(stepped, logits) <= 1e-5
+    # the cache really evicted: more eligible tokens than slots
+    if K > 0:
+        n_elig = (model.blocks[0].mix.last_s > tau).sum(1)
+        assert (n_elig > K).all()
+        # and the stepped cache at the end is the brute-force top-K of the last position
+        for block, st in zip(model.blocks, state):
+            ref = brute_force_cache(block.mix.last_s, K, tau)
+            assert [set(p[p >= 0].tolist()) for p in st['pos']] == [rows[-1] for rows in ref]
+    # prefill's parallel state continues exactly like the stepped state
+    _, pre = model.prefill(idx)
+    nxt = torch.randint(0, 40, (3,))
+    a, _ = model.step(nxt, pre)
+    b, _ = model.step(nxt, state)
+    assert rel_err(a, b) <= 1e-10
+
+
+def test_step_equals_forward_float32():
+    torch.manual_seed(1)
+    model = lively(MIPT(small(cache_size=3, cache_tau=0.0)), scale=0.2).eval()
+    idx = torch.randint(0, 40, (2, 40))
+    logits, _ = model(idx)
+    stepped, _ = step_all(model, idx)
+    assert rel_err(stepped, logits) <= 1e-4
+
+
+def test_step_equals_forward_attention():
+    torch.manual_seed(0)
+    model = MIPT(small(mixer='attention', cache_size=0)).double().eval()
+    idx = torch.randint(0, 40, (3, 53))
+    logits, _ = model(idx)
+    stepped, state = step_all(model, idx)
+    assert rel_err(stepped, logits) <= 1e-10
+    _, pre = model.prefill(idx)
+    nxt = torch.randint(0, 40, (3,))
+    assert rel_err(model.step(nxt, pre)[0], model.step(nxt, state)[0]) <= 1e-10
+    naive = MIPT(small(mixer='attention', cache_size=0, attn_impl='naive')).double().eval()
+    naive.load_state_dict(model.state_dict())
+    assert rel_err(naive(idx)[0], logits) <= 1e-10
+
+
+def test_attention_step_past_block_size_is_a_clear_error():
+    model = MIPT(small(mixer='attention', cache_size=0, block_size=4)).eval()
+    state = model.init_state(1)
+    for t in range(4):
+        _, state = model.step(torch.tensor([1]), state)
+    with pytest.raises(ValueError, match='block_size'):
+        model.step(torch.tensor([1]), state)
+
+
+@pytest.mark.parametrize('kw', [dict(cache_size=3), dict(cache_size=-1, cache_tau=0.5), dict(cache_size=0),
+                                dict(mixer='attention', cache_size=0)])
+def test_causality(kw):
+    torch.manual_seed(0)
+    model = lively(MIPT(small(**kw))).double().eval()
+    idx = torch.randint(0, 40, (2, 45))
+    t = 20
+    other = idx.clone()
+    other[:, t + 1:] = torch.randint(0, 40, (2, 45 - t - 1))
+    a, _ = model(idx)
+    b, _ = model(other)
+    assert torch.equal(a[:, :t + 1], b[:, :t + 1])
+    assert not torch.allclose(a[:, t + 1:], b[:, t + 1:])
+
+
+def test_cache_changes_the_output():
+    torch.manual_seed(0)
+    with_cache = lively(MIPT(small(cache_size=3))).double().eval()
+    without = MIPT(small(cache_size=0)).double().eval()
+    without.load_state_dict(with_cache.state_dict(), strict=False)
+    idx = torch.randint(0, 40, (2, 30))
+    assert not torch.allclose(with_cache(idx)[0], without(idx)[0])
+
+
+@pytest.mark.parametrize('kw', [dict(cache_size=4), dict(cache_size=0), dict(cache_size=-1, cache_tau=0.5)])
+def test_decode_state_size(kw):
+    torch.manual_seed(0)
+    model = lively(MIPT(small(**kw))).eval()
+    idx = torch.randint(0, 40, (2, 200))
+    state = model.init_state(2)
+    sizes = []
+    for t in range(200):
+        _, state = model.step(idx[:, t], state)
+        sizes.append(model.state_bytes(state))
+    if kw['cache_size'] >= 0:
+        assert sizes[9] == sizes[-1] == model.state_bytes(model.init_state(2))
+    else:  # unbounded: grows with the eligible tokens
+        assert sizes[-1] > sizes[9]
+
+
+def test_attention_state_grows():
+    model = MIPT(small(mixer='attention', cache_size=0)).eval()
+    state = model.init_state(1)
+    for t in range(10):
+        _, state = model.step(torch.tensor([t]), state)
+    assert model.state_bytes(state) == 2 * 2 * 10 * 32 * 4  # layers * (k, v) * T * D * fp32
+
+
+@pytest.mark.parametrize('kw', [dict(cache_size=3), dict(mixer='attention', cache_size=0)])
+def test_padded_classification_equals_unpadded(kw):
+    torch.manual_seed(0)
+    model = lively(MIPT(small(n_classes=3, **kw))).double().eval()
+    lens = [7, 30, 19]
+    docs = [torch.randint(1, 40, (n,)) for n in lens]
+    batch = torch.zeros(3, 30, dtype=torch.long)
+    for i, d in enumerate(docs):
+        batch[i, :len(d)] = d
+    padded, _ = model(batch, lengths=torch.tensor(lens))
+    alone = torch.cat([model(d[None])[0] for d in docs])
+    assert padded.shape == (3, 3)
+    assert rel_err(padded, alone) <= 1e-12
+    # streaming through step reads the same logits
+    streamed = step_all(model, docs[0][None])[0][:, -1]
+    assert rel_err(streamed, alone[:1]) <= 1e-10
+
+
+def test_lm_overfits_a_short_sequence():
+    torch.manual_seed(0)
+    model = MIPT(small(vocab_size=16, n_layer=2, n_embd=32, cache_size=2))
+    seq = torch.randint(0, 16, (1, 33))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        _, loss = model(seq[:, :-1], seq[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+    model.eval()
+    out = model.generate(seq[:, :1], 31, top_k=1)
+    assert torch.equal(out, seq[:, :32])
+
+
+def test_classifier_learns_a_toy_task():
+    """Label = which of two marker tokens appears early in a noisy sequence: memory is needed."""
+    torch.manual_seed(0)
+    model = MIPT(small(vocab_size=12, n_layer=1, n_embd=32, n_classes=2, cache_size=2))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+
+    def batch(n):
+        x = torch.randint(4, 12, (n, 24))
+        y = torch.randint(0, 2, (n,))
+        x[torch.arange(n), torch.randint(0, 4, (n,))] = y + 1
+        return x, y
+
+    for _ in range(300):
+        x, y = batch(64)
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x, y = batch(256)
+    acc = (model(x)[0].argmax(-1) == y).float().mean().item()
+    assert acc > 0.95
+
+
+def test_generate_matches_forward_greedy():
+    torch.manual_seed(0)
+    model = lively(MIPT(small(cache_size=3))).double().eval()
+    prompt = torch.randint(0, 40, (2, 11))
+    out = model.generate(prompt, 15, top_k=1)
+    ref = prompt
+    for _ in range(15):
+        ref = torch.cat([ref, model(ref)[0][:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, ref)
+
+
+def test_probe_reports_scores_and_fill():
+    torch.manual_seed(0)
+    model = lively(MIPT(small(cache_size=3, cache_tau=0.5))).eval()
+    idx = torch.randint(0, 40, (2, 30))
+    stats = model.probe(idx, lengths=torch.tensor([30, 10]))
+    assert len(stats['p_mean']) == 2 and all(0 < p < 1 for p in stats['p_mean'])
+    for s, fill in zip(stats['s'], stats['cache_fill']):
+        n = [min(3, int((s[0] > 0.5).sum())), min(3, int((s[1, :10] > 0.5).sum()))]
+        assert fill == pytest.approx(sum(n) / 2)
+
+
+def test_fresh_model_starts_in_the_wave_phase():
+    model = MIPT(small(cache_size=0))
+    s = model.probe(torch.randint(0, 40, (2, 20)))['p_mean']
+    assert all(abs(p - 0.1) < 0.03 for p in s)
+
+
+def test_bf16_autocast_keeps_a_float32_state():
+    model = lively(MIPT(small(cache_size=3)))
+    idx = torch.randint(0, 40, (2, 20))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        logits, loss = model(idx, idx)
+        _, state = model.prefill(idx)
+    assert torch.isfinite(loss) and state[0]['h'].dtype == torch.complex64
+    ref, _ = model(idx)
+    assert rel_err(logits.float(), ref) < 0.05
+
+
+def test_param_count_excludes_embeddings():
+    m = MIPT(small(cache_size=0, n_layer=1))
+    D = 32
+    per_block = (D * 4 * D + 4 * D) + 4 * D + (D * 4 * D + 4 * D) + (4 * D * D + D)  # proj, 2 LNs, FFN
+    assert m.get_num_params() == per_block + 2 * D  # + ln_f
+    assert m.get_num_params(non_embedding=False) == m.get_num_params() + 40 * D
+
+
+@pytest.mark.parametrize('kw,match', [
+    (dict(mixer='rnn'), 'mixer'),
+    (dict(n_embd=30, n_head=4), 'divisible'),
+    (dict(cache_size=-2), 'cache_size'),
+    (dict(cache_tau=1.0), 'cache_tau'),
+    (dict(mixer='attention', cache_size=4), 'no sparse cache'),
+    (dict(p_init=0.0), 'p_init'),
+    (dict(n_layer=0), 'n_layer'),
+    (dict(scan_impl='triton'), 'scan_impl'),
+    (dict(attn_impl='flash'), 'attn_impl'),
+])
+def test_bad_configs_raise(kw, match):
+    with pytest.raises(ValueError, match=match):
+        small(**kw)
+
+
+def test_bad_inputs_raise():
+    model = MIPT(small())
+    with pytest.raises(ValueError, match='idx'):
+        model(torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match='classifier'):
+        MIPT(small(n_classes=2)).generate(torch.zeros(1, 3, dtype=torch.long), 2)
