@@ -175,39 +175,44 @@ def mipt_recurrence(logit, theta, u_re, u_im, h0=None, impl='auto'):
 
 @torch.no_grad()
 def select_cache(s, K, tau, L):
-    """Exact causal cache membership, chunk by chunk.
+    """Exact causal cache membership for every position, without a loop over time.
 
     s: (B, T) scores. The cache at position i holds the K highest-scoring eligible (s_j > tau) tokens
-    j <= i; ties rank the earlier token higher. Queries are cut into chunks of L positions; chunk c's
-    candidates are the cache carried in from the previous chunk plus its own L positions, since the top-K
-    of a union is the top-K of (top-K of the prefix) and the new items. Memory is O(T (K + L)).
+    j <= i; ties rank the earlier token higher. Positions are cut into C chunks of L queries. A chunk's
+    candidates are the cache carried in from all earlier chunks plus its own L positions, since the top-K
+    of a union is the top-K of the parts' top-Ks. Memory is O(T (K + L)).
 
     Returns cand (B, C, K + L) candidate positions (-1 = none) and member (B, C, L, K + L), True where
     candidate j is in the cache of the chunk's query l.
     """
     B, T = s.shape
     C = -(-T // L)
-    s = F.pad(s.float(), (0, C * L - T), value=-math.inf)  # padded positions are never eligible
-    eligible = s > tau
-    carry = torch.full((B, K), -1, dtype=torch.long, device=s.device)
-    cands, members = [], []
-    with torch.autocast(device_type=s.device.type, enabled=False):  # counts below must stay exact
-        for c in range(C):
-            qpos = torch.arange(c * L, (c + 1) * L, device=s.device)           # (L,)
-            cand = torch.cat([carry, qpos.expand(B, L)], dim=1)                 # (B, K+L)
-            ok = cand >= 0
-            cs = torch.where(ok, s.gather(1, cand.clamp(min=0)), -math.inf)     # (B, K+L)
-            ok &= eligible.gather(1, cand.clamp(min=0))
-            # beats[m, j]: candidate m ranks above candidate j
-            beats = (cs[:, :, None] > cs[:, None, :]) | (
-                (cs[:, :, None] == cs[:, None, :]) & (cand[:, :, None] < cand[:, None, :]))
-            visible = ok[:, None, :] & (cand[:, None, :] <= qpos[None, :, None])  # (B, L, K+L)
-            n_above = torch.bmm(visible.float(), beats.float())                    # (B, L, K+L)
-            member = visible & (n_above < K)
-            cands.append(cand)
-            members.append(member)
-            carry = torch.where(member[:, -1], cand, -1).sort(dim=1, descending=True).values[:, :K]
-    return torch.stack(cands, 1), torch.stack(members, 1)
+    dev = s.device
+    # one unique integer key per token, higher is better: rank by score, the earlier token first on ties
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices                 # (B, T)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(T, device=dev).expand(B, T))
+    key = torch.where(s > tau, T - rank, -1)                                           # (B, T); -1: ineligible
+    key = F.pad(key, (0, C * L - T), value=-1).view(B, C, L)
+    # the cache carried into each chunk: a prefix scan of top-K over chunks (Hillis-Steele, log2 C rounds)
+    top = F.pad(key, (0, max(0, K - L)), value=-1).topk(K, dim=2).values              # (B, C, K)
+    shift = 1
+    while shift < C:
+        merged = torch.cat([top[:, shift:], top[:, :-shift]], dim=2).topk(K, dim=2).values
+        top = torch.cat([top[:, :shift], merged], dim=1)
+        shift *= 2
+    carry = torch.cat([top.new_full((B, 1, K), -1), top[:, :-1]], dim=1)              # (B, C, K)
+    carry_pos = torch.where(carry >= 0, order.gather(1, (T - carry).clamp(max=T - 1).view(B, -1)).view(B, C, K), -1)
+    qpos = torch.arange(C * L, device=dev).view(1, C, L)
+    cand = torch.cat([carry_pos, qpos.expand(B, C, L)], dim=2)                        # (B, C, K+L)
+    cand_key = torch.cat([carry, key], dim=2)                                         # (B, C, K+L)
+    visible = (cand_key >= 0)[:, :, None, :] & (cand[:, :, None, :] <= qpos[..., None])  # (B, C, L, K+L)
+    if K >= T:  # unbounded: nothing is ever evicted
+        return cand, visible
+    # candidate j is a member for query l when fewer than K visible candidates outrank it
+    beats = (cand_key[:, :, :, None] > cand_key[:, :, None, :]).float()               # (B, C, K+L, K+L)
+    with torch.autocast(device_type=dev.type, enabled=False):                          # exact counts
+        n_above = visible.float() @ beats                                              # (B, C, L, K+L)
+    return cand, visible & (n_above < K)
 
 
 class SparseCache(nn.Module):
