@@ -157,16 +157,162 @@ def mipt_recurrence(logit, theta, u_re, u_im, h0=None, impl='auto'):
     """The MIPT recurrence from the layer's projections. Inputs (B, T, D) real, h0 (B, D) complex or None.
     Returns y = Re h (B, T, D) and the last state h_T (B, D), in float32 (float64 for float64 inputs),
     also under bf16 autocast: the state accumulates and PyTorch has no complex bf16."""
-    if impl == 'cuda' or (impl == 'auto' and logit.is_cuda):
-        kernels = _kernels(required=(impl == 'cuda'))
-        if kernels is not None and logit.is_cuda:
-            return MIPTScanCUDA.apply(logit, theta, u_re, u_im, h0)
+    fits = logit.is_cuda and logit.dtype in (torch.float32, torch.bfloat16)
+    if impl == 'cuda' or (impl == 'auto' and fits and load_kernels() is not None):
+        if not fits or load_kernels() is None:
+            raise RuntimeError("scan_impl='cuda' needs float32 or bfloat16 inputs on a CUDA device and a "
+                               "working nvcc; use scan_impl='auto' or 'torch' for the PyTorch scan")
+        return MIPTScanCUDA.apply(logit, theta, u_re, u_im, h0)
     dtype = torch.promote_types(logit.dtype, torch.float32)
     p = torch.sigmoid(logit.to(dtype))
     a = torch.polar(1 - p, theta.to(dtype))             # (B, T, D) complex
     b = p * torch.complex(u_re.to(dtype), u_im.to(dtype))  # (B, T, D) complex
     h = scan(a, b, h0)
     return h.real, h[:, -1]
+
+
+# -----------------------------------------------------------------------------
+# The fused CUDA scan (kernels.cu): computes p, a and b in registers from the raw projections, scans in
+# fp32 with a single-pass chunked look-back, writes only y and the chunk-boundary states, and runs the
+# reverse scan with conjugated gates for the gradients. Compiled on first use; without a GPU or a
+# compiler, mipt_recurrence falls back to the PyTorch scan above.
+
+# Tile configurations (S compute warps per block, L timesteps per thread); a tile covers 32
+# channels and S*L timesteps.  The backward tile length must be a multiple of the forward
+# one.  Compiled: (8, 8), (8, 4), (4, 8); (8, 8) for both was fastest on an H100 at
+# (B, D, T) = (8, 1024, 8192) and (1, 1024, 65536) (bench_scan_draft.py sweeps them).
+FWD_TILE = (8, 8)
+BWD_TILE = (8, 8)
+# Persistent grid size; 0 = as many blocks as are resident at once (occupancy x SMs).
+MAX_BLOCKS = 0
+# Debug hook for tests: when True, every output buffer is filled with NaN before the kernel
+# runs, so an element the kernel fails to write shows up as NaN.
+POISON_OUTPUTS = False
+
+_KERNELS = None
+_LOAD_TRIED = False
+
+
+def load_kernels(verbose: bool = False):
+    """Compile (once) and load kernels.cu; return the module, or None with a warning."""
+    global _KERNELS, _LOAD_TRIED
+    if _KERNELS is not None or _LOAD_TRIED:
+        return _KERNELS
+    _LOAD_TRIED = True
+    if not torch.cuda.is_available():
+        warnings.warn("mipt CUDA scan unavailable: no CUDA device", RuntimeWarning, stacklevel=2)
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        if cpp_extension.CUDA_HOME is None:
+            raise RuntimeError("no CUDA toolkit (nvcc) found")
+        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cu")
+        build = os.environ.get("MIPT_BUILD_DIR") or os.path.join(
+            os.path.expanduser("~"), ".cache", "mipt_kernels"
+        )
+        os.makedirs(build, exist_ok=True)
+        _KERNELS = cpp_extension.load(
+            name="mipt_kernels",
+            sources=[src],
+            build_directory=build,
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=[
+                "-O3",
+                "-std=c++17",
+                "-gencode=arch=compute_90a,code=sm_90a",
+                "-gencode=arch=compute_80,code=compute_80",
+                "--split-compile=0",
+                "--threads=2",
+                "-lineinfo",
+            ],
+            verbose=verbose,
+        )
+    except Exception as exc:  # no compiler, build failure, ...
+        warnings.warn(f"mipt CUDA scan unavailable: {exc}", RuntimeWarning, stacklevel=2)
+        _KERNELS = None
+    return _KERNELS
+
+
+def _out(shape, dtype, device):
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _state_as_real(h, B, D, device):
+    """complex (B, D) -> contiguous float32 (B, D, 2); None -> empty tensor."""
+    if h is None:
+        return torch.empty(0, dtype=torch.float32, device=device)
+    h = h.to(device=device, dtype=torch.complex64).resolve_conj().contiguous()
+    assert h.shape == (B, D), f"state must be (B, D) = {(B, D)}, got {tuple(h.shape)}"
+    return torch.view_as_real(h).contiguous()
+
+
+class MIPTScanCUDA(torch.autograd.Function):
+    """forward(logit, theta, u_re, u_im, h0) -> (y float32 (B,T,D), h_last complex64 (B,D))."""
+
+    @staticmethod
+    def forward(ctx, logit, theta, u_re, u_im, h0=None):
+        mod = load_kernels()
+        if mod is None:
+            raise RuntimeError("mipt CUDA scan kernels are not available")
+        if logit.dim() != 3:
+            raise ValueError("inputs must be (B, T, D)")
+        dtype = logit.dtype
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise TypeError(f"inputs must be float32 or bfloat16, got {dtype}")
+        for x in (theta, u_re, u_im):
+            if x.shape != logit.shape or x.dtype != dtype or x.device != logit.device:
+                raise ValueError("logit, theta, u_re, u_im must share shape, dtype and device")
+        logit, theta, u_re, u_im = (x.contiguous() for x in (logit, theta, u_re, u_im))
+        B, T, D = logit.shape
+        dev = logit.device
+        h0r = _state_as_real(h0, B, D, dev)
+        y = _out((B, T, D), torch.float32, dev)
+        hl = _out((B, D, 2), torch.float32, dev)
+        if T == 0:
+            hl.copy_(h0r if h0 is not None else torch.zeros_like(hl))
+            ckpt = torch.empty(0, device=dev)
+        else:
+            ckpt = mod.fwd(logit, theta, u_re, u_im, h0r, y, hl, *FWD_TILE, MAX_BLOCKS)
+        ctx.save_for_backward(logit, theta, u_re, u_im, h0r, ckpt)
+        ctx.fwd_tile = FWD_TILE
+        ctx.has_h0 = h0 is not None
+        ctx.h0_dtype = h0.dtype if h0 is not None else None
+        return y, torch.view_as_complex(hl)
+
+    @staticmethod
+    def backward(ctx, gy, ghl):
+        logit, theta, u_re, u_im, h0r, ckpt = ctx.saved_tensors
+        B, T, D = logit.shape
+        dev = logit.device
+        if gy is None:
+            gy = torch.zeros((B, T, D), dtype=torch.float32, device=dev)
+        gy = gy.to(torch.float32).contiguous()
+        ghlr = _state_as_real(ghl, B, D, dev)
+        gl, gt, gr, gi = (_out((B, T, D), logit.dtype, dev) for _ in range(4))
+        gh0 = _out((B, D, 2), torch.float32, dev)
+        if T == 0:
+            gh0.copy_(ghlr if ghl is not None else torch.zeros_like(gh0))
+        else:
+            mod = load_kernels()
+            mod.bwd(logit, theta, u_re, u_im, gy, h0r, ghlr, ckpt, *ctx.fwd_tile,
+                    gl, gt, gr, gi, gh0, *_bwd_tile(ctx.fwd_tile), MAX_BLOCKS)
+        gh0c = None
+        if ctx.has_h0 and ctx.needs_input_grad[4]:
+            gh0c = torch.view_as_complex(gh0)
+            if not ctx.h0_dtype.is_complex:
+                gh0c = gh0c.real
+            gh0c = gh0c.to(ctx.h0_dtype)
+        return gl, gt, gr, gi, gh0c
+
+
+def _bwd_tile(fwd_tile):
+    S, L = BWD_TILE
+    if (S * L) % (fwd_tile[0] * fwd_tile[1]) != 0:
+        return fwd_tile
+    return BWD_TILE
 
 
 # -----------------------------------------------------------------------------

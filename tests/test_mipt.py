@@ -381,3 +381,23 @@ def test_bad_inputs_raise():
         model(torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match='classifier'):
         MIPT(small(n_classes=2)).generate(torch.zeros(1, 3, dtype=torch.long), 2)
+
+
+def test_cpu_fallback_is_the_torch_scan():
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.randn(2, 33, 8, generator=gen) for _ in range(4)]
+    y_auto, h_auto = mipt.mipt_recurrence(*xs, impl='auto')
+    y_torch, h_torch = mipt.mipt_recurrence(*xs, impl='torch')
+    assert torch.equal(y_auto, y_torch) and torch.equal(h_auto, h_torch)
+    model = MIPT(small(scan_impl='auto')).eval()
+    ref = MIPT(small(scan_impl='torch')).eval()
+    ref.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 40, (2, 20))
+    assert torch.equal(model(idx)[0], ref(idx)[0])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the CPU-only error')
+def test_forcing_the_kernel_without_a_gpu_is_a_clear_error():
+    xs = [torch.randn(1, 4, 2) for _ in range(4)]
+    with pytest.raises(RuntimeError, match="scan_impl='cuda'"):
+        mipt.mipt_recurrence(*xs, impl='cuda')
