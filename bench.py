@@ -323,15 +323,19 @@ def main():
                      ('memory', bench_memory)]:
         if name in want:
             res[name] = fn()
+            save(res)  # after every section, so that a cut-off run keeps what it measured
+    print(markdown(res))
+
+
+def save(res):
     res['targets'] = targets(res)
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, 'bench.json.tmp'), 'w') as f:
+    tmp = os.path.join(out_dir, 'bench.json.tmp')
+    with open(tmp, 'w') as f:
         json.dump(res, f, indent=1)
-    os.replace(os.path.join(out_dir, 'bench.json.tmp'), os.path.join(out_dir, 'bench.json'))
-    md = markdown(res)
+    os.replace(tmp, os.path.join(out_dir, 'bench.json'))
     with open(os.path.join(out_dir, 'bench.md'), 'w') as f:
-        f.write(md)
-    print(md)
+        f.write(markdown(res))
 
 
 if __name__ == '__main__':
