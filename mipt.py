@@ -524,7 +524,9 @@ class SelfAttention(nn.Module):
     def step(self, x, st):
         q, k, v = self._heads(x[:, None])  # (B, H, 1, hd)
         st['k'], st['v'] = torch.cat([st['k'], k], 2), torch.cat([st['v'], v], 2)
-        y = F.scaled_dot_product_attention(q, st['k'], st['v'])  # every cached key is in the past
+        # one query: plain softmax attention over every cached (past) key, (B, H, 1, t)
+        scores = (q @ st['k'].transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        y = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype) @ st['v']
         st['t'] += 1
         return self.c_proj(y.reshape(x.shape)), st
 
