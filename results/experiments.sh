@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The GPU runs behind the README's results table, several at once on one GPU (small models leave it
+# idle otherwise). Every run is `python train.py <config> --key=value ...`; results/collect.py gathers
+# their metrics.json files. Usage: bash results/experiments.sh OUT_ROOT [JOBS]
+set -u
+root=${1:-runs}; jobs=${2:-6}; PY=${PY:-python}
+mkdir -p "$root"
+cmds=()
+# 1. needle-in-a-haystack (paper demo), 3 seeds
+for seed in 1 2 3; do
+  for K in 0 1 4 16; do cmds+=("$PY train.py config/needle.py --cache_size=$K --seed=$seed --out_dir=$root/needle-mipt-K$K-s$seed"); done
+  cmds+=("$PY train.py config/needle.py --cache_size=-1 --cache_tau=0.5 --seed=$seed --out_dir=$root/needle-mipt-Kinf-s$seed")
+  cmds+=("$PY train.py config/needle.py --mixer=attention --cache_size=0 --seed=$seed --out_dir=$root/needle-attn-s$seed")
+done
+# 2. IMDB at N=512 (paper scale: d=128, 2 layers)
+cmds+=("$PY train.py config/classify_imdb.py --out_dir=$root/imdb512-mipt-s1 --seed=1")
+cmds+=("$PY train.py config/classify_imdb.py --mixer=attention --cache_size=0 --out_dir=$root/imdb512-attn-s1 --seed=1")
+# 4. shakespeare_char at nanoGPT's baby-GPT budget
+cmds+=("$PY train.py config/train_shakespeare_char.py --out_dir=$root/shakespeare-mipt-K16")
+cmds+=("$PY train.py config/train_shakespeare_char.py --mixer=attention --cache_size=0 --out_dir=$root/shakespeare-attn")
+# the long runs first, so that they overlap the short ones
+order=(); for i in $(seq $((${#cmds[@]}-1)) -1 0); do order+=("${cmds[$i]}"); done
+printf '%s\n' "${order[@]}" | xargs -P "$jobs" -I{} bash -c \
+  'd=$(sed -n "s/.*--out_dir=\([^ ]*\).*/\1/p" <<< "{}"); mkdir -p $d; echo "{}" > $d/command.txt; {} > $d/stdout.txt 2>&1; echo "rc=$? {}"'
