@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU runs behind the README's results table, several at once on one GPU (small models leave it
 # idle otherwise). Every run is `python train.py <config> --key=value ...`; results/collect.py gathers
-# their metrics.json files. Usage: bash results/experiments.sh OUT_ROOT [JOBS]
+# their metrics.json files. Usage: bash results/experiments.sh OUT_ROOT [JOBS] [SET: a (default) | b]
 set -u
-root=${1:-runs}; jobs=${2:-6}; PY=${PY:-python}
+root=${1:-runs}; jobs=${2:-6}; set=${3:-a}; PY=${PY:-python}
 mkdir -p "$root"
 cmds=()
 # 1. needle-in-a-haystack (paper demo), 3 seeds
@@ -18,6 +18,19 @@ cmds+=("$PY train.py config/classify_imdb.py --mixer=attention --cache_size=0 --
 # 4. shakespeare_char at nanoGPT's baby-GPT budget
 cmds+=("$PY train.py config/train_shakespeare_char.py --out_dir=$root/shakespeare-mipt-K16")
 cmds+=("$PY train.py config/train_shakespeare_char.py --mixer=attention --cache_size=0 --out_dir=$root/shakespeare-attn")
+if [ "$set" = b ]; then  # the second GPU call: more seeds, tau for the unbounded cache, long documents
+  cmds=()
+  for seed in 1 2 3; do for tau in 0.15 0.2 0.3; do
+    cmds+=("$PY train.py config/needle.py --cache_size=-1 --cache_tau=$tau --seed=$seed --out_dir=$root/needle-mipt-Kinf-tau$tau-s$seed")
+  done; done
+  for seed in 2 3; do
+    cmds+=("$PY train.py config/classify_imdb.py --out_dir=$root/imdb512-mipt-s$seed --seed=$seed")
+    cmds+=("$PY train.py config/classify_imdb.py --mixer=attention --cache_size=0 --out_dir=$root/imdb512-attn-s$seed --seed=$seed")
+  done
+  # shrunk to one epoch to fit a 10-minute GPU call (the config asks for 10)
+  cmds+=("$PY train.py config/long_imdb_bytes.py --max_epochs=1 --eval_interval=350 --out_dir=$root/bytes4096-mipt-1ep")
+  cmds+=("$PY train.py config/long_imdb_bytes.py --max_epochs=1 --eval_interval=350 --mixer=attention --cache_size=0 --out_dir=$root/bytes4096-attn-1ep")
+fi
 # the long runs first, so that they overlap the short ones
 order=(); for i in $(seq $((${#cmds[@]}-1)) -1 0); do order+=("${cmds[$i]}"); done
 printf '%s\n' "${order[@]}" | xargs -P "$jobs" -I{} bash -c \

@@ -1,0 +1,38 @@
+"""
+Needle in a haystack (PAPER.md section 3, the paper's demo): N=512 tokens over a vocabulary of 300,
+noise ids 200..299, one needle (4 classes x 5 ids, 10..29) in the first 10% of the sequence; the label
+is its class. 5,000 train / 1,000 val / 1,000 test sequences (data/needle.py, seeds 0 / 2 / 1).
+Model: one MIPT layer at d=64; Adam (no weight decay) at a constant lr 3e-3, batch 128, 15 epochs.
+The paper: no cache 0.845; K=1 0.960; K=4 0.968; K=16 0.992; full attention 1.000.
+
+    MIPT, K=16:  python train.py config/needle.py
+    cache sizes: python train.py config/needle.py --cache_size=0 --out_dir=out-needle-k0
+                 (likewise --cache_size=1, 4, and -1 = unbounded)
+    Transformer: python train.py config/needle.py --mixer=attention --out_dir=out-needle-attn
+"""
+out_dir = 'out-needle'
+task = 'needle'
+needle_len = 512
+needle_vocab = 300
+needle_span = (0.0, 0.1)
+needle_classes = 4
+n_train = 5000
+n_val = 1000
+n_test = 1000
+
+n_layer = 1
+n_embd = 64
+n_head = 4
+dropout = 0.0
+cache_size = 16
+
+batch_size = 128
+max_epochs = 15        # 5000 // 128 = 39 iterations per epoch
+eval_interval = 39     # once per epoch
+learning_rate = 3e-3
+weight_decay = 0.0     # AdamW without decay = Adam
+beta1 = 0.9
+beta2 = 0.999          # Adam's default
+decay_lr = False       # constant learning rate
+warmup_iters = 0
+grad_clip = 1.0

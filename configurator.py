@@ -1,0 +1,127 @@
+"""
+Poor man's configurator, shared by train.py and sample.py (after nanoGPT's configurator.py).
+
+A script declares its settings as plain module globals, then calls
+
+    config = configure(globals(), keys)
+
+which applies, in order:
+  * config files given as bare arguments:  python train.py config/train_shakespeare_char.py
+    (the file is executed; the names it defines override the defaults)
+  * --key=value overrides:                 python train.py --batch_size=32 --compile=False
+
+Values are parsed with ast.literal_eval (so 3e-4, (0.0, 0.1), None, True/False work); a value that
+is not a Python literal is kept as a string when the default is a string (--dataset=imdb).
+Unknown keys and values of the wrong type stop the script with a clear message (exit status 2).
+--help (or -h) prints every key with its value (after any config file / overrides) and exits 0.
+"""
+import ast
+import sys
+
+_SIMPLE = (bool, int, float, str, tuple, list, type(None))
+
+
+def config_keys(g):
+    """The overridable settings of a script: public globals holding plain values."""
+    return [k for k, v in g.items() if not k.startswith('_') and isinstance(v, _SIMPLE)]
+
+
+def _fail(msg):
+    print(f"config error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _coerce(key, value, default, origin):
+    """Check `value` against the type of `default`; return the (possibly converted) value."""
+    if default is None or value is None:
+        return value  # None defaults accept any literal; None is accepted everywhere
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        _fail(f"{origin}: {key} expects True or False, got {value!r}")
+    if isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)  # --max_iters=1e4
+        _fail(f"{origin}: {key} expects an int, got {value!r} ({type(value).__name__})")
+    if isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        _fail(f"{origin}: {key} expects a float, got {value!r} ({type(value).__name__})")
+    if isinstance(default, (tuple, list)):
+        if isinstance(value, (tuple, list)):
+            return type(default)(value)
+        _fail(f"{origin}: {key} expects a {type(default).__name__}, got {value!r}")
+    if isinstance(default, str):
+        if isinstance(value, str):
+            return value
+        _fail(f"{origin}: {key} expects a string, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _parse_value(raw, default):
+    if isinstance(default, bool) and raw.lower() in ('true', 'false'):
+        return raw.lower() == 'true'
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw  # a plain string (--dataset=imdb); a type error for non-string keys
+    if isinstance(default, str) and not isinstance(value, str):
+        return raw  # --out_dir=2024 stays the string '2024'
+    return value
+
+
+def _usage(g, keys, doc):
+    lines = []
+    if doc:
+        lines.append(doc.strip())
+        lines.append('')
+    lines.append('usage: python %s [config_file.py ...] [--key=value ...]' % sys.argv[0])
+    lines.append('')
+    lines.append('keys (current values):')
+    width = max(len(k) for k in keys)
+    for k in keys:
+        lines.append(f"  --{k:<{width}} = {g[k]!r}")
+    return '\n'.join(lines)
+
+
+def configure(g, keys=None, argv=None, doc=None):
+    """Apply config files and --key=value overrides to the globals dict `g`.
+
+    keys: names that may be overridden (default: config_keys(g)). Returns {key: final value}.
+    """
+    keys = list(keys) if keys is not None else config_keys(g)
+    argv = sys.argv[1:] if argv is None else argv
+    valid = set(keys)
+    hint = "valid keys: " + ', '.join(sorted(keys))
+    want_help = any(a in ('-h', '--help') for a in argv)
+    for arg in [a for a in argv if a not in ('-h', '--help')]:
+        if not arg.startswith('--'):
+            # a config file: execute it and take the plain names it defines
+            try:
+                with open(arg) as f:
+                    src = f.read()
+            except OSError as e:
+                _fail(f"cannot read config file {arg!r}: {e}")
+            ns = {}
+            exec(compile(src, arg, 'exec'), ns)
+            for k, v in ns.items():
+                if k.startswith('_') or not isinstance(v, _SIMPLE):
+                    continue  # modules, functions, __builtins__, private helpers
+                if k not in valid:
+                    _fail(f"unknown key {k!r} in config file {arg}\n{hint}")
+                g[k] = _coerce(k, v, g[k], arg)
+        else:
+            body = arg[2:]
+            if '=' not in body:
+                _fail(f"expected --key=value, got {arg!r}\n{hint}")
+            k, raw = body.split('=', 1)
+            k = k.replace('-', '_') if k not in valid else k
+            if k not in valid:
+                _fail(f"unknown key {k!r} (from {arg!r})\n{hint}")
+            g[k] = _coerce(k, _parse_value(raw, g[k]), g[k], arg)
+    if want_help:  # after the overrides, so that `script.py config/x.py --help` shows that config
+        print(_usage(g, keys, doc))
+        sys.exit(0)
+    return {k: g[k] for k in keys}
