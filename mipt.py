@@ -180,7 +180,7 @@ def mipt_recurrence(logit, theta, u_re, u_im, h0=None, impl='auto'):
 # Tile configurations (S compute warps per block, L timesteps per thread); a tile covers 32
 # channels and S*L timesteps.  The backward tile length must be a multiple of the forward
 # one.  Compiled: (8, 8), (8, 4), (4, 8); (8, 8) for both was fastest on an H100 at
-# (B, D, T) = (8, 1024, 8192) and (1, 1024, 65536) (bench_scan_draft.py sweeps them).
+# (B, D, T) = (8, 1024, 8192) and (1, 1024, 65536). Any compiled pair may be set at run time.
 FWD_TILE = (8, 8)
 BWD_TILE = (8, 8)
 # Persistent grid size; 0 = as many blocks as are resident at once (occupancy x SMs).
