@@ -157,6 +157,8 @@ def mipt_recurrence(logit, theta, u_re, u_im, h0=None, impl='auto'):
     """The MIPT recurrence from the layer's projections. Inputs (B, T, D) real, h0 (B, D) complex or None.
     Returns y = Re h (B, T, D) and the last state h_T (B, D), in float32 (float64 for float64 inputs),
     also under bf16 autocast: the state accumulates and PyTorch has no complex bf16."""
+    if logit.is_cuda and logit.dtype == torch.float16:  # the kernel reads fp32 or bf16
+        logit, theta, u_re, u_im = (t.float() for t in (logit, theta, u_re, u_im))
     fits = logit.is_cuda and logit.dtype in (torch.float32, torch.bfloat16)
     if impl == 'cuda' or (impl == 'auto' and fits and load_kernels() is not None):
         if not fits or load_kernels() is None:
@@ -644,6 +646,8 @@ class MIPT(nn.Module):
         targets = labels if labels is not None else targets
         x, scores, _ = self._body(idx)                    # (B, T, D)
         if self.config.n_classes:
+            if lengths is not None and not ((lengths >= 1) & (lengths <= idx.shape[1])).all():
+                raise ValueError(f"lengths must lie in [1, T={idx.shape[1]}], got {lengths.tolist()}")
             last = (lengths - 1) if lengths is not None else torch.full_like(idx[:, 0], idx.shape[1] - 1)
             logits = self.head(x[torch.arange(x.shape[0], device=x.device), last])  # (B, n_classes)
             loss = None if targets is None else F.cross_entropy(logits.float(), targets)
@@ -651,12 +655,12 @@ class MIPT(nn.Module):
             logits = self.head(x)                         # (B, T, V)
             loss = None if targets is None else F.cross_entropy(
                 logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
-        if loss is not None and self.config.p_penalty and scores[0] is not None:
-            loss = loss + self.config.p_penalty * torch.stack([s.mean() for s in scores]).mean()
+        if loss is not None and self.training and self.config.p_penalty and scores[0] is not None:
+            loss = loss + self.config.p_penalty * torch.stack([s.mean() for s in scores]).mean()  # training only
         return logits, loss
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW; matrices decay, biases, gains and the null slot's vectors... only 2-D tensors decay."""
+        """AdamW; tensors of 2 or more dimensions (weights, embeddings, null slots) decay, the rest do not."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
                   {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]

@@ -168,7 +168,8 @@ if __name__ == '__main__':
             die(f"p_layer={p_layer} but the model has {L} layers")
         cached = set()
         for l in layers:
-            cached |= {int(p) for p in state[l]['pos'][0].tolist() if p >= 0}
+            if 'pos' in state[l]:  # a MIPT layer with a cache (K != 0)
+                cached |= {int(p) for p in state[l]['pos'][0].tolist() if p >= 0}
         out = []
         for i, (tok, s) in enumerate(zip(tokens, s_hist)):
             v = sum(s[l] for l in layers) / len(layers)

@@ -5,7 +5,7 @@ Train a MIPT-SSM model (or its Transformer twin, --mixer=attention). After nanoG
     python train.py config/train_shakespeare_char.py  # a config file, then --key=value overrides
     python train.py config/needle.py --mixer=attention
     python train.py --init_from=resume --out_dir=out  # continue exactly from out/ckpt_last.pt
-    torchrun --standalone --nproc_per_node=4 train.py config/lm_wikitext103.py   # DDP
+    torchrun --standalone --nproc_per_node=4 train.py config/lm_wikitext103.py --gradient_accumulation_steps=4   # DDP
     python train.py --help                            # every key and its default
 
 Tasks: 'lm' (random windows of data/<dataset>/train.bin; val loss/ppl), 'classify' (one document per
@@ -267,8 +267,10 @@ else:
     if max_epochs > 0:
         max_iters = max(1, max_epochs * micro_per_epoch // gradient_accumulation_steps)
 
-# training data sampler: its own generator, so that evaluation never moves it and resume is exact
+# training data samplers: their own generators, so that evaluation never moves them and resume is exact.
+# LM windows differ per process (seed + rank); the epoch permutation is the same on every process.
 data_gen = torch.Generator().manual_seed(seed + rank)
+perm_gen = torch.Generator().manual_seed(seed)
 sampler = {'epoch': 0, 'pos': 0, 'perm': None}  # classify/needle: shuffled epochs, drop_last
 
 
@@ -279,7 +281,7 @@ def next_train_batch():
     if sampler['perm'] is None or sampler['pos'] + B > train_n:
         if sampler['perm'] is not None:
             sampler['epoch'] += 1
-        sampler['perm'] = torch.randperm(train_n, generator=data_gen)
+        sampler['perm'] = torch.randperm(train_n, generator=perm_gen)
         sampler['pos'] = 0
     lo = sampler['pos'] + rank * batch_size
     ids = sampler['perm'][lo:lo + batch_size].tolist()
@@ -334,20 +336,21 @@ params_non_emb = raw_model.get_num_params(non_embedding=True)
 def rng_state():
     npst = np.random.get_state()
     return {'torch': torch.get_rng_state(),
-            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            'cuda': torch.cuda.get_rng_state(device) if 'cuda' in device else None,
             'numpy': [npst[0], torch.from_numpy(npst[1].astype(np.int64)), int(npst[2]), int(npst[3]), float(npst[4])],
             'python': random.getstate(),
-            'data': data_gen.get_state()}
+            'data': data_gen.get_state(), 'perm': perm_gen.get_state()}
 
 
 def set_rng_state(st):
     torch.set_rng_state(st['torch'])
-    if st['cuda'] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st['cuda'])
+    if st['cuda'] is not None and 'cuda' in device:
+        torch.cuda.set_rng_state(st['cuda'], device)
     n = st['numpy']
     np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
     random.setstate(st['python'])
     data_gen.set_state(st['data'])
+    perm_gen.set_state(st['perm'])
 
 
 if ckpt is not None:
@@ -359,6 +362,7 @@ if ckpt is not None:
             print(f"resume: {len(rngs)} process(es) wrote the checkpoint, {world} resume it: "
                   f"the run continues, but not exactly as an uninterrupted one would")
     sampler.update(ckpt['sampler'])
+    resumed_evaluated = ckpt.get('evaluated', True)  # False: saved on Ctrl-C, between evaluations
     del ckpt
 
 
@@ -366,14 +370,14 @@ def params_finite():
     return all(torch.isfinite(p).all() for p in raw_model.parameters())
 
 
-def save_checkpoint(path, rngs):
+def save_checkpoint(path, rngs, evaluated=True):
     if not params_finite():
         die("non-finite parameters: refusing to write a checkpoint")
     ckpt = {'format': CKPT_FORMAT, 'model': raw_model.state_dict(), 'model_args': dataclasses.asdict(model_config),
             'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
             'iter_num': iter_num, 'best_val': best_val, 'best_iter': best_iter,
             'train_config': config, 'meta': meta, 'rng': rngs,
-            'sampler': dict(sampler)}
+            'sampler': dict(sampler), 'evaluated': evaluated}
     tmp = path + '.tmp'
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
@@ -493,7 +497,7 @@ if master:
     print(f"task {task} | dataset {meta['name']} | {model_config.mixer} | "
           f"{params_total / 1e6:.2f}M params ({params_non_emb / 1e6:.3f}M non-embedding) | "
           f"{max_iters} iters x {batch_size * gradient_accumulation_steps * world} seqs | {device} {dtype}")
-resumed_at = iter_num if init_from == 'resume' else None
+resumed_at = iter_num if init_from == 'resume' and resumed_evaluated else None
 train_time, train_tokens, last_loss = 0.0, 0, None
 pbar = tqdm(total=max_iters, initial=iter_num, disable=not master, dynamic_ncols=True, desc='train',
             mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
@@ -570,7 +574,7 @@ while True:
     if stop_requested:
         rngs = gather_rng()
         if master:
-            save_checkpoint(last_path, rngs)
+            save_checkpoint(last_path, rngs, evaluated=False)
             pbar.close()
             print(f"stopped at iter {iter_num}: saved {last_path}; continue with "
                   f"`python train.py ... --init_from=resume --out_dir={out_dir}`")

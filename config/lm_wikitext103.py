@@ -9,7 +9,7 @@ Perplexities are per cl100k token, so they compare only with runs on the same to
     K=0 / K=16:  python train.py config/lm_wikitext103.py --cache_size=0 --out_dir=out-wt103-k0
                  python train.py config/lm_wikitext103.py --cache_size=16 --out_dir=out-wt103-k16
     Transformer: python train.py config/lm_wikitext103.py --mixer=attention --cache_size=0 --out_dir=out-wt103-attn
-    multi-GPU:   torchrun --standalone --nproc_per_node=4 train.py config/lm_wikitext103.py
+    multi-GPU:   torchrun --standalone --nproc_per_node=4 train.py config/lm_wikitext103.py --gradient_accumulation_steps=4
 """
 out_dir = 'out-wt103'
 task = 'lm'

@@ -401,3 +401,21 @@ def test_forcing_the_kernel_without_a_gpu_is_a_clear_error():
     xs = [torch.randn(1, 4, 2) for _ in range(4)]
     with pytest.raises(RuntimeError, match="scan_impl='cuda'"):
         mipt.mipt_recurrence(*xs, impl='cuda')
+
+
+def test_bad_lengths_raise():
+    model = MIPT(small(n_classes=2))
+    idx = torch.randint(0, 40, (2, 10))
+    for bad in ([0, 5], [5, 11]):
+        with pytest.raises(ValueError, match='lengths'):
+            model(idx, lengths=torch.tensor(bad))
+
+
+def test_p_penalty_only_in_training():
+    torch.manual_seed(0)
+    idx = torch.randint(0, 40, (2, 12))
+    plain = MIPT(small()).train()
+    pen = MIPT(small(p_penalty=1.0)).train()
+    pen.load_state_dict(plain.state_dict())
+    assert pen(idx, idx)[1].item() > plain(idx, idx)[1].item()      # added while training
+    assert pen.eval()(idx, idx)[1].item() == plain.eval()(idx, idx)[1].item()  # never in eval losses

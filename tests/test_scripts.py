@@ -215,6 +215,9 @@ def test_ctrl_c_saves_and_resumes(lm_run, lm_dir, tmp_path):
     ok(run('train.py', *LM, f'--data_dir={lm_dir}', f'--out_dir={tmp_path}', '--max_iters=12', '--init_from=resume'))
     got = train_losses(tmp_path)
     assert got[:12] == ref[:len(got[:12])]
+    # the stop came between evaluations: the resumed run evaluates at the iteration it stopped at
+    evals = [json.loads(line)['iter'] for line in log.read_text().splitlines() if '"eval"' in line]
+    assert k in evals
 
 
 def test_nan_loss_stops_without_bad_checkpoint(lm_dir, tmp_path):
@@ -263,6 +266,13 @@ def test_sample_show_p(lm_run):
     r = ok(run('sample.py', f'--out_dir={lm_run[0]}', '--device=cpu', '--max_new_tokens=20', '--show_p=True',
                '--start=First'))
     assert '\x1b[48;2;' in r.stdout and '\x1b[0m' in r.stdout and 'particle' in r.stdout
+
+
+def test_sample_show_p_without_cache(lm_dir, tmp_path):
+    ok(run('train.py', *TINY, f'--data_dir={lm_dir}', f'--out_dir={tmp_path}', '--max_iters=2', '--cache_size=0',
+           '--eval_interval=2'))
+    r = ok(run('sample.py', f'--out_dir={tmp_path}', '--device=cpu', '--max_new_tokens=5', '--show_p=True'))
+    assert '\x1b[48;2;' in r.stdout
 
 
 def test_long_prompt(lm_run, attn_run, tmp_path):
