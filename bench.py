@@ -18,7 +18,6 @@ Timings: CUDA events after warm-up, medians, random inputs (never zeros).
 """
 
 import json
-import math
 import os
 import statistics
 import subprocess

@@ -463,11 +463,14 @@ class MIPTLayer(nn.Module):
         self.cache = SparseCache(config) if config.cache_size != 0 else None
         self.last_s = None  # (B, T) scores of the last forward pass, for probing
 
-    def forward(self, x, want_state=False):
-        # x (B, T, D), normalised
+    def recur(self, x, h0=None):
+        """x (B, T, D), normalised -> y = Re h (B, T, D), the last state h_T (B, D), the scores s (B, T)."""
         logit, theta, u_re, u_im = self.proj(x).chunk(4, dim=-1)              # (B, T, D) each
-        y, h_last = mipt_recurrence(logit, theta, u_re, u_im, impl=self.scan_impl)  # (B, T, D), (B, D)
-        s = torch.sigmoid(logit.to(y.dtype)).mean(-1)                          # (B, T)
+        y, h_last = mipt_recurrence(logit, theta, u_re, u_im, h0, impl=self.scan_impl)
+        return y, h_last, torch.sigmoid(logit.to(y.dtype)).mean(-1)
+
+    def forward(self, x, want_state=False):
+        y, h_last, s = self.recur(x)
         self.last_s = s.detach()
         out, st = (y, {}) if self.cache is None else self.cache(y, s, want_state)
         if want_state:
@@ -480,15 +483,12 @@ class MIPTLayer(nn.Module):
                 's': torch.zeros(B, device=device, dtype=dtype), 't': 0}
 
     def step(self, x, st):
-        # x (B, D): one token; the same arithmetic as forward, one position at a time
-        logit, theta, u_re, u_im = self.proj(x).chunk(4, dim=-1)               # (B, D) each
-        dtype = torch.promote_types(logit.dtype, torch.float32)
-        p = torch.sigmoid(logit.to(dtype))
-        h = torch.polar(1 - p, theta.to(dtype)) * st['h'] + p * torch.complex(u_re.to(dtype), u_im.to(dtype))
-        s = p.mean(-1)                                                         # (B,)
-        y = h.real if self.cache is None else self.cache.step(h.real, s, st['t'], st)
+        # x (B, D): one token, through the same recurrence as forward, from the carried state
+        y, h, s = self.recur(x[:, None], st['h'])
+        y, s = y[:, 0], s[:, 0]                                                # (B, D), (B,)
+        out = y if self.cache is None else self.cache.step(y, s, st['t'], st)
         st.update(h=h, s=s, t=st['t'] + 1)
-        return y, st
+        return out, st
 
 
 class SelfAttention(nn.Module):

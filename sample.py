@@ -73,7 +73,7 @@ def load_tokenizer(meta):
             try:
                 return [int(w) for w in s.split()]
             except ValueError:
-                die(f"this model reads token ids: give --start as space-separated integers, e.g. --start='10 250 261'")
+                die("this model reads token ids: give --start as space-separated integers, e.g. --start='10 250 261'")
         return encode, lambda ids: ' '.join(str(int(i)) for i in ids) + ' '
     try:
         from data.common import load_codec

@@ -30,7 +30,6 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from mipt import MIPTConfig, MIPT
