@@ -10,7 +10,8 @@ Sections
             the Python loop (scan_ref), the PyTorch chunked scan, accelerated_scan.complex (if installed),
             the fused kernel, and the byte floor of each
     train   one LM training step (AdamW, bf16 autocast), MIPT (K=64) against the SDPA Transformer twin and
-            the naive-attention twin, ~31M parameters with cl100k_base, tokens/s and peak memory
+            the naive-attention twin, ~31M parameters with cl100k_base, tokens/s and peak memory; also the
+            twin with no mixer at all (embedding, FFNs, head), the floor under any mixer's step
     decode  batch-1 decoding after 1k, 8k and 64k tokens of context: tokens/s and memory
     memory  peak training memory of the paper's classification model (d=128, 2 layers) against N
 
@@ -179,14 +180,24 @@ def lm_config(mixer, T, attn_impl='sdpa'):
                       mixer=mixer, attn_impl=attn_impl, cache_size=64 if mixer == 'mipt' else 0)
 
 
+class NoMixer(torch.nn.Module):
+    """Stands in for the mixer of every block: the step of the rest of the model, a floor for any mixer."""
+
+    def forward(self, x, want_state=False):
+        return x, None, None
+
+
 def bench_train():
     rows = []
     for T in TRAIN_T:
         B = max(1, TRAIN_TOKENS // T)
         for name, mixer, impl in [('mipt_K64', 'mipt', 'sdpa'), ('attention_sdpa', 'attention', 'sdpa'),
-                                  ('attention_naive', 'attention', 'naive')]:
+                                  ('attention_naive', 'attention', 'naive'), ('no_mixer', 'attention', 'sdpa')]:
             row = {'T': T, 'B': B, 'model': name}
             model = MIPT(lm_config(mixer, T, impl)).cuda()
+            if name == 'no_mixer':
+                for block in model.blocks:
+                    block.mix = NoMixer()
             row['params'] = model.get_num_params(non_embedding=False)
             opt = model.configure_optimizers(0.1, 3e-4, (0.9, 0.95), 'cuda')
             idx = torch.randint(0, 100277, (B, T + 1), device='cuda')
@@ -277,9 +288,11 @@ def targets(res):
         t['fused_fwdbwd_peak_GB'] = target(r['kernel_fwdbwd_peak_GB'], 2.5)
     train = {(r['T'], r['model']): r['tokens_per_s'] for r in res.get('train', [])}
     for T, goal in [(8192, 2.0), (2048, 1.3)]:
-        m, a = train.get((T, 'mipt_K64')), train.get((T, 'attention_sdpa'))
+        m, a, f = train.get((T, 'mipt_K64')), train.get((T, 'attention_sdpa')), train.get((T, 'no_mixer'))
         if isinstance(m, float) and isinstance(a, float):
             t[f'train_T{T}_mipt_over_sdpa_tokens_per_s'] = target(m / a, goal, higher_is_better=True)
+            if isinstance(f, float):  # what a free mixer would reach: the goal's ceiling at this shape
+                t[f'train_T{T}_mipt_over_sdpa_tokens_per_s']['ceiling_no_mixer_over_sdpa'] = f / a
     dec = [r['state_MB'] for r in res.get('decode', []) if r['model'] == 'mipt_K64' and r['state_MB'] != 'OOM']
     if dec:
         t['decode_state_relative_spread'] = target((max(dec) - min(dec)) / min(dec), 0.01)
@@ -309,7 +322,8 @@ def main():
         raise SystemExit('bench.py needs a CUDA GPU')
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()
+    commit = os.environ.get('MIPT_COMMIT') or subprocess.run(  # MIPT_COMMIT: for a copy without .git
+        ['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()
     res = {'device': torch.cuda.get_device_name(), 'torch': torch.__version__, 'commit': commit or 'unknown',
            'date': datetime.now(timezone.utc).isoformat(timespec='seconds'), 'command': ' '.join(sys.argv)}
     want = sections.split(',')

@@ -82,7 +82,12 @@ __device__ __forceinline__ void gate(float x, float th, float& p, float& q, floa
   const float er = e * r;
   p = x >= 0.f ? r : er;
   q = x >= 0.f ? er : r;
+#ifdef MIPT_FAST_TRIG
+  const float k = rintf(th * 0.159154943f);  // th - 2 pi k in [-pi, pi], then the SFU's sin/cos
+  __sincosf(fmaf(-k, -1.74845553e-7f, fmaf(-k, 6.28318548f, th)), &s, &c);
+#else
   sincosf(th, &s, &c);
+#endif
 }
 
 // Warp-wide decoupled look-back (all 32 lanes; lane = channel).  Tiles of this channel
@@ -206,12 +211,13 @@ __device__ __forceinline__ void bar_arrive(int par, int n) {
 
 // ---- forward ----------------------------------------------------------------------------
 // Block = S compute warps + 1 scan warp, software-pipelined over the block's tiles i:
-//   compute warps: [wait staged inputs of i] gates + fold of i -> seg  | arrive BAR_SEG(i)
-//                  sync BAR_CARRY(i-1) | stage inputs of i+1 (cp.async) | write y of i-1
+//   compute warps: [wait staged inputs of i] gates + fold of i -> seg | stage inputs of i+1
+//                  (cp.async) | arrive BAR_SEG(i) | sync BAR_CARRY(i-1) | write y of i-1
 //   scan warp:     sync BAR_SEG(i) | compose, publish, look back, carries of i | arrive
 //                  BAR_CARRY(i)
-// so the look-back latency of tile i hides behind the compute warps' work on i-1 and i+1.
-// The scan warp takes tickets two tiles ahead (ticket ring s_tick[2]).
+// so the look-back latency of tile i hides behind the compute warps' work on i-1 and i+1,
+// and the loads of tile i+1 fly during the handshakes and the writes of tile i-1.
+// The scan warp takes tickets three tiles ahead (ticket ring s_tick[3]).
 template <typename T, int S, int L, int MINB, bool VEC>
 __global__ void __launch_bounds__((S + 1) * 32, MINB)
 mipt_fwd_kernel(const T* __restrict__ logit, const T* __restrict__ theta,
@@ -225,10 +231,11 @@ mipt_fwd_kernel(const T* __restrict__ logit, const T* __restrict__ theta,
   T* sx = reinterpret_cast<T*>(smem_raw) + (threadIdx.x >> 5) * 4 * L * 32;  // warp's [4][L][32]
   __shared__ float4 seg[2][S][32];
   __shared__ float2 carry[2][S][32];
-  __shared__ int s_tick[2];
+  __shared__ int s_tick[3];
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, total = G * NC;
   int* counter = flags + total;
-  if (threadIdx.x == 0) { s_tick[0] = atomicAdd(counter, 1); s_tick[1] = atomicAdd(counter, 1); }
+  if (threadIdx.x == 0)
+    for (int j = 0; j < 3; ++j) s_tick[j] = atomicAdd(counter, 1);
   __syncthreads();
   int tick = s_tick[0];
   if (tick >= total) return;
@@ -247,6 +254,7 @@ mipt_fwd_kernel(const T* __restrict__ logit, const T* __restrict__ theta,
     for (int i = 0;; ++i) {
       const int par = i & 1;
       const bool have = tick < total;
+      int next = total;
       if (have) {
         cp_async_wait();
         __syncwarp();
@@ -269,10 +277,15 @@ mipt_fwd_kernel(const T* __restrict__ logit, const T* __restrict__ theta,
         seg[par][w][lane] = pack(A, H);
       }
       bar_arrive<BAR_SEG>(par, NT);
+      if (have) {
+        // Stage tile i+1 now, so that its loads fly during the wait for the carries and the
+        // writes of tile i-1.  Its ticket was taken by the scan warp in its iteration i-2,
+        // before BAR_CARRY(i-2).
+        next = s_tick[(i + 1) % 3];
+        __syncwarp();  // every lane is done reading the staging area
+        if (next < total) prefetch(Tile(next, false, G, NC, ngd, Tlen, D, S * L, L));
+      }
       if (i > 0) bar_sync<BAR_CARRY>(par ^ 1, NT);
-      const int next = s_tick[par ^ 1];  // ticket of tile i+1 (taken by the scan warp)
-      __syncwarp();                      // every lane is done reading the staging area
-      if (have && next < total) prefetch(Tile(next, false, G, NC, ngd, Tlen, D, S * L, L));
       if (i > 0) {  // write y of tile i-1
         float2 h = carry[par ^ 1][w][lane];
 #pragma unroll
@@ -293,7 +306,7 @@ mipt_fwd_kernel(const T* __restrict__ logit, const T* __restrict__ theta,
       const int par = i & 1;
       bar_sync<BAR_SEG>(par, NT);
       if (tick >= total) break;
-      if (lane == 0) s_tick[par] = atomicAdd(counter, 1);  // ticket of tile i+2
+      if (lane == 0) s_tick[i % 3] = atomicAdd(counter, 1);  // ticket of tile i+3
       const Tile t(tick, false, G, NC, ngd, Tlen, D, S * L, L);
       float2 TA = make_float2(1.f, 0.f), TH = make_float2(0.f, 0.f);
 #pragma unroll
@@ -327,7 +340,7 @@ mipt_fwd_kernel(const T* __restrict__ logit, const T* __restrict__ theta,
       if (t.c == NC - 1 && t.dok) hlast[(size_t)t.b * D + t.d] = h;
       __syncwarp();
       bar_arrive<BAR_CARRY>(par, NT);
-      tick = s_tick[par ^ 1];  // ticket of tile i+1
+      tick = s_tick[(i + 1) % 3];  // ticket of tile i+1
     }
   }
 }

@@ -5,6 +5,7 @@ Sample from a trained mipt model (after nanoGPT's sample.py), or classify a text
     python sample.py --out_dir=out --start="ROMEO:" --num_samples=3 --max_new_tokens=200
     python sample.py --out_dir=out --start=FILE:prompt.txt      # prompt from a file
     python sample.py --out_dir=out --show_p=True                # colour tokens by measurement score s_t
+    python sample.py --out_dir=out --show_p=True --p_html=p.html   # the same, also as an HTML page
     python sample.py --out_dir=out-imdb --start="A wonderful film."   # a classifier prints class probabilities
     python sample.py --help
 
@@ -21,6 +22,7 @@ score s_t = mean_d p_t (blue = wave, s near 0; red = particle, s near 1), averag
 import os
 import sys
 import time
+from html import escape
 
 import torch
 
@@ -38,6 +40,7 @@ top_k = 200                  # keep only the top_k most likely tokens (None or 0
 seed = 1337
 show_p = False               # reprint the text coloured by measurement score s_t (MIPT models)
 p_layer = -1                 # -1 = mean over layers, else this layer's s_t and cache
+p_html = ''                  # with show_p: also write the coloured text to this HTML file
 # -----------------------------------------------------------------------------
 configure(globals(), doc=__doc__)
 # -----------------------------------------------------------------------------
@@ -170,7 +173,7 @@ if __name__ == '__main__':
         for l in layers:
             if 'pos' in state[l]:  # a MIPT layer with a cache (K != 0)
                 cached |= {int(p) for p in state[l]['pos'][0].tolist() if p >= 0}
-        out = []
+        out, html = [], []
         for i, (tok, s) in enumerate(zip(tokens, s_hist)):
             v = sum(s[l] for l in layers) / len(layers)
             v = min(max(v, 0.0), 1.0)
@@ -180,6 +183,8 @@ if __name__ == '__main__':
             text = text.replace('\n', '↵')
             style = f"\x1b[48;2;{r};{g};{b}m\x1b[38;2;255;255;255m" + ("\x1b[1;4m" if i in cached else '')
             out.append(style + text + "\x1b[0m" + ('\n' if nl else ''))
+            css = f"background:rgb({r},{g},{b})" + (';font-weight:bold;text-decoration:underline' if i in cached else '')
+            html.append(f'<span style="{css}" title="t={i} s={v:.3f}">{escape(text)}</span>' + ('<br>' if nl else ''))
         which = 'mean over layers' if p_layer < 0 else f'layer {p_layer}'
         legend = ("s_t = mean_d p_t (" + which + "): " +
                   ''.join(f"\x1b[48;2;{int(30 + 225 * v)};{int(60 * (1 - abs(2 * v - 1)))};{int(255 - 225 * v)}m"
@@ -191,6 +196,15 @@ if __name__ == '__main__':
         print(''.join(out))
         mean = [sum(s[l] for s in s_hist) / len(s_hist) for l in range(L)]
         print("mean s_t per layer: " + ' '.join(f"{m:.3f}" for m in mean))
+        if p_html:
+            with open(p_html, 'w', encoding='utf-8') as f:
+                f.write(f'<!doctype html><meta charset="utf-8"><title>s_t: {escape(out_dir)}</title>\n'
+                        f'<p>{escape(out_dir)}: s_t = mean_d p_t ({which}); blue = wave (s near 0), red = particle '
+                        f'(s near 1); <b><u>bold underlined</u></b> = held in the particle cache at the end '
+                        f'({len(cached)} tokens). Mean s_t per layer: {" ".join(f"{m:.3f}" for m in mean)}. '
+                        f'Hover a token for its position and score.</p>\n'
+                        f'<div style="font-family:monospace;color:white;line-height:1.6">{"".join(html)}</div>\n')
+            print(f"(written to {p_html})")
 
     if show_p and not is_mipt:
         print("(--show_p: an attention checkpoint has no measurement score; showing plain text)")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs behind the README's results table, several at once on one GPU (small models leave it
 # idle otherwise). Every run is `python train.py <config> --key=value ...`; results/collect.py gathers
-# their metrics.json files. Usage: bash results/experiments.sh OUT_ROOT [JOBS] [SET: a (default) | b]
+# their metrics.json files. Usage: bash results/experiments.sh OUT_ROOT [JOBS] [SET: a (default) | b | c | d]
 set -u
 root=${1:-runs}; jobs=${2:-6}; set=${3:-a}; PY=${PY:-python}
 mkdir -p "$root"
@@ -30,6 +30,41 @@ if [ "$set" = b ]; then  # the second GPU call: more seeds, tau for the unbounde
   # shrunk to one epoch to fit a 10-minute GPU call (the config asks for 10)
   cmds+=("$PY train.py config/long_imdb_bytes.py --max_epochs=1 --eval_interval=350 --out_dir=$root/bytes4096-mipt-1ep")
   cmds+=("$PY train.py config/long_imdb_bytes.py --max_epochs=1 --eval_interval=350 --mixer=attention --cache_size=0 --out_dir=$root/bytes4096-attn-1ep")
+fi
+if [ "$set" = c ]; then  # the third: the LM gap (shrunk to 500 iterations), and p_init for the needle on val
+  cmds=()
+  lm="config/lm_imdb.py --max_iters=500 --lr_decay_iters=500 --warmup_iters=50 --eval_interval=100"
+  for K in 0 16 64; do cmds+=("$PY train.py $lm --cache_size=$K --out_dir=$root/lmimdb-mipt-K$K"); done
+  cmds+=("$PY train.py $lm --mixer=attention --cache_size=0 --out_dir=$root/lmimdb-attn")
+  for p in 0.03 0.01 0.001; do for K in 0 4; do
+    cmds+=("$PY train.py config/needle.py --cache_size=$K --p_init=$p --seed=1 --out_dir=$root/needle-pinit$p-K$K-s1")
+  done; done
+fi
+if [ "$set" = d ]; then  # the fourth: the two LM runs that ran out of memory in set c, the needle at 3x the
+  # epochs for both models, the needle anywhere in N=2048 (shrunk to 5 epochs), bytes-2048 (1 epoch)
+  cmds=()
+  lm="config/lm_imdb.py --max_iters=500 --lr_decay_iters=500 --warmup_iters=50 --eval_interval=100"
+  cmds+=("$PY train.py $lm --cache_size=0 --out_dir=$root/lmimdb-mipt-K0")
+  cmds+=("$PY train.py $lm --mixer=attention --cache_size=0 --out_dir=$root/lmimdb-attn")
+  for seed in 1 2 3; do
+    cmds+=("$PY train.py config/needle.py --max_epochs=45 --cache_size=4 --seed=$seed --out_dir=$root/needle45-mipt-K4-s$seed")
+    cmds+=("$PY train.py config/needle.py --max_epochs=45 --mixer=attention --cache_size=0 --seed=$seed --out_dir=$root/needle45-attn-s$seed")
+  done
+  n2048="config/needle.py --needle_len=2048 --needle_span=0.0,1.0 --max_epochs=5 --seed=1"
+  cmds+=("$PY train.py $n2048 --cache_size=16 --out_dir=$root/needle2048-mipt-K16-s1")
+  cmds+=("$PY train.py $n2048 --mixer=attention --cache_size=0 --out_dir=$root/needle2048-attn-s1")
+  bytes="config/long_imdb_bytes.py --block_size=2048 --max_epochs=1 --eval_interval=350"
+  cmds+=("$PY train.py $bytes --out_dir=$root/bytes2048-mipt-1ep")
+  cmds+=("$PY train.py $bytes --mixer=attention --cache_size=0 --out_dir=$root/bytes2048-attn-1ep")
+fi
+if [ "$set" = e ]; then  # the fifth: IMDB-512 at ~5M non-embedding parameters (4 layers, d=256), 3 seeds, shrunk
+  # to 2 epochs; shakespeare_char MIPT without a cache
+  cmds=("$PY train.py config/train_shakespeare_char.py --cache_size=0 --out_dir=$root/shakespeare-mipt-K0")
+  big="config/classify_imdb.py --n_layer=4 --n_embd=256 --max_epochs=2"
+  for seed in 1 2 3; do
+    cmds+=("$PY train.py $big --seed=$seed --out_dir=$root/imdb512big-mipt-s$seed")
+    cmds+=("$PY train.py $big --mixer=attention --cache_size=0 --seed=$seed --out_dir=$root/imdb512big-attn-s$seed")
+  done
 fi
 # the long runs first, so that they overlap the short ones
 order=(); for i in $(seq $((${#cmds[@]}-1)) -1 0); do order+=("${cmds[$i]}"); done

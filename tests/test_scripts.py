@@ -245,10 +245,17 @@ def test_classify(cls_dir, tmp_path):
     assert len(probs) == 2 and sum(probs) == pytest.approx(1.0, abs=1e-3)
 
 
-def test_needle(tmp_path):
-    r = ok(run('train.py', *TINY, '--task=needle', f'--out_dir={tmp_path}', '--n_train=64', '--n_val=32',
+@pytest.fixture(scope='session')
+def needle_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp('needle')
+    r = ok(run('train.py', *TINY, '--task=needle', f'--out_dir={out}', '--n_train=64', '--n_val=32',
                '--n_test=32', '--needle_len=48', '--max_iters=4', '--eval_interval=2',
                '--batch_size=16'))
+    return out, r
+
+
+def test_needle(needle_run):
+    tmp_path, r = needle_run
     m = json.loads((tmp_path / 'metrics.json').read_text())
     assert m['task'] == 'needle' and m['model_config']['n_classes'] == 4 and m['model_config']['block_size'] == 48
     assert 0 <= m['test']['acc'] <= 1 and 'test acc' in r.stdout
@@ -262,10 +269,28 @@ def test_sample_streams(lm_run):
     assert '\x1b[' not in r.stdout
 
 
-def test_sample_show_p(lm_run):
+def test_sample_show_p(lm_run, tmp_path):
+    page = tmp_path / 'p.html'
     r = ok(run('sample.py', f'--out_dir={lm_run[0]}', '--device=cpu', '--max_new_tokens=20', '--show_p=True',
-               '--start=First'))
+               '--start=First', f'--p_html={page}'))
     assert '\x1b[48;2;' in r.stdout and '\x1b[0m' in r.stdout and 'particle' in r.stdout
+    html = page.read_text()
+    spans = html.count('<span style="background:rgb(')
+    assert spans == len('First') + 20  # char-level: one span per prompt and generated token
+    cached = int(html.split('at the end (')[1].split(' tokens)')[0])
+    assert 1 <= cached <= 4 and html.count('text-decoration:underline') >= 1  # TINY: cache_size 4
+
+
+def test_phase_sweep(needle_run, tmp_path):
+    r = ok(run('results/phase.py', f'--out_dir={needle_run[0]}', '--device=cpu', '--Ns=16,40', '--n_seq=3',
+               f'--out={tmp_path / "phase.json"}'))
+    res = json.loads((tmp_path / 'phase.json').read_text())
+    assert set(res['by_N']) == {'16', '40'} and 'N=    40' in r.stdout
+    for v in res['by_N'].values():
+        assert len(v['p_mean']) == res['n_layer'] and all(0 < p < 1 for p in v['p_mean'])
+        assert all(0 <= f <= 1 for f in v['particle_fraction'] + v['particle_fraction_by_quarter'])
+    r = run('results/phase.py', '--out_dir=/nonexistent', '--device=cpu')
+    assert r.returncode != 0
 
 
 def test_sample_show_p_without_cache(lm_dir, tmp_path):
