@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs behind the README's results table, several at once on one GPU (small models leave it
 # idle otherwise). Every run is `python train.py <config> --key=value ...`; results/collect.py gathers
-# their metrics.json files. Usage: bash results/experiments.sh OUT_ROOT [JOBS] [SET: a (default) | b | c | d]
+# their metrics.json files. Usage: bash results/experiments.sh OUT_ROOT [JOBS] [SET: a (default) | b ... f]
 set -u
 root=${1:-runs}; jobs=${2:-6}; set=${3:-a}; PY=${PY:-python}
 mkdir -p "$root"
@@ -65,6 +65,17 @@ if [ "$set" = e ]; then  # the fifth: IMDB-512 at ~5M non-embedding parameters (
     cmds+=("$PY train.py $big --seed=$seed --out_dir=$root/imdb512big-mipt-s$seed")
     cmds+=("$PY train.py $big --mixer=attention --cache_size=0 --seed=$seed --out_dir=$root/imdb512big-attn-s$seed")
   done
+fi
+if [ "$set" = f ]; then  # the sixth: IMDB-512 at ~5M at the config's full 5 epochs; the needle anywhere in N=2048
+  # at the paper's 15 epochs
+  cmds=()
+  for seed in 1 2 3; do
+    cmds+=("$PY train.py config/classify_imdb.py --n_layer=4 --n_embd=256 --seed=$seed --out_dir=$root/imdb512big5-mipt-s$seed")
+    cmds+=("$PY train.py config/classify_imdb.py --n_layer=4 --n_embd=256 --mixer=attention --cache_size=0 --seed=$seed --out_dir=$root/imdb512big5-attn-s$seed")
+  done
+  n2048="config/needle.py --needle_len=2048 --needle_span=0.0,1.0 --seed=1"
+  cmds+=("$PY train.py $n2048 --cache_size=16 --out_dir=$root/needle2048e15-mipt-K16-s1")
+  cmds+=("$PY train.py $n2048 --mixer=attention --cache_size=0 --out_dir=$root/needle2048e15-attn-s1")
 fi
 # the long runs first, so that they overlap the short ones
 order=(); for i in $(seq $((${#cmds[@]}-1)) -1 0); do order+=("${cmds[$i]}"); done
