@@ -76,18 +76,15 @@ __device__ __forceinline__ void st_release(int* p, int v) {
 
 // p = sigmoid(x) and q = 1 - p, both without cancellation or overflow; (c, s) = cos, sin.
 // Precise expf/sincosf/division (the build does not use --use_fast_math).
+// (Measured on an H100: __expf, an approximate reciprocal, sincospif or __sincosf here do not make
+// the kernels faster beyond the run-to-run spread, and __sincosf costs two digits near |a| = 1.)
 __device__ __forceinline__ void gate(float x, float th, float& p, float& q, float& c, float& s) {
   const float e = expf(-fabsf(x));
   const float r = __frcp_rn(1.0f + e);  // correctly rounded, as 1/(1+e)
   const float er = e * r;
   p = x >= 0.f ? r : er;
   q = x >= 0.f ? er : r;
-#ifdef MIPT_FAST_TRIG
-  const float k = rintf(th * 0.159154943f);  // th - 2 pi k in [-pi, pi], then the SFU's sin/cos
-  __sincosf(fmaf(-k, -1.74845553e-7f, fmaf(-k, 6.28318548f, th)), &s, &c);
-#else
   sincosf(th, &s, &c);
-#endif
 }
 
 // Warp-wide decoupled look-back (all 32 lanes; lane = channel).  Tiles of this channel
