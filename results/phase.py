@@ -29,6 +29,7 @@ n_seq = 16                    # sequences per N
 threshold = 0.5               # s_t above this: particle phase
 seed = 2
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
+note = ''                     # free text stored in the JSON (which run the checkpoint is)
 # -----------------------------------------------------------------------------
 configure(globals(), doc=__doc__)
 
@@ -55,7 +56,8 @@ def sequences(N):
     return torch.stack([torch.from_numpy(data[i:i + N].astype(np.int64)) for i in ix])
 
 
-res = {'out_dir': out_dir, 'task': tc['task'], 'dataset': tc.get('dataset'), 'block_size': cfg.block_size,
+res = {'out_dir': out_dir, 'note': note, 'task': tc['task'],
+       'dataset': 'needle' if tc['task'] == 'needle' else tc.get('dataset'), 'block_size': cfg.block_size,
        'n_layer': cfg.n_layer, 'K': cfg.cache_size, 'threshold': threshold, 'n_seq': n_seq, 'by_N': {}}
 ctx = torch.autocast('cuda', dtype=torch.bfloat16) if 'cuda' in device else torch.autocast('cpu', enabled=False)
 for N in [int(n) for n in Ns.split(',')]:

@@ -1,4 +1,4 @@
-"""Turn results/runs_h100*.json (experiments.sh sets a to e, gathered by collect.py) into one results
+"""Turn results/runs_h100*.json (experiments.sh sets a to f, gathered by collect.py) into one results
 file per experiment and results/summary.json with the paper's targets. python results/summarize.py"""
 import glob
 import json
@@ -26,8 +26,8 @@ def group(prefix):
     if rs and 'acc' in rs[0]['test']:
         out['test_acc'] = mean_std([r['test']['acc'] for r in rs])
         out['val_acc'] = mean_std([r['best_val']['acc'] for r in rs])
-    if rs and rs[0].get('probe') and rs[0]['probe'].get('cache_fill'):
-        out['cached_tokens_per_sequence'] = mean_std([r['probe']['cache_fill'][0] for r in rs])
+    if rs and rs[0].get('probe') and rs[0]['probe'].get('cache_fill'):  # mean over layers (the needle has one)
+        out['cached_tokens_per_sequence'] = mean_std([statistics.mean(r['probe']['cache_fill']) for r in rs])
     return out
 
 
@@ -102,7 +102,8 @@ summary = {'targets': {
                                           f'mean test acc over 3 seeds: MIPT {m_imdb:.4f} vs Transformer {a_imdb:.4f}; '
                                           f"at ~5M (results/imdb512_5M.json): {big['mipt']['test_acc']['mean']:.4f} vs "
                                           f"{big['attn']['test_acc']['mean']:.4f}"),
-    'bytes4096_test_acc': target(bytes4096['mipt']['test_acc']['mean'], 0.868, False, 'results/bytes4096.json',
+    'bytes4096_test_acc': target(bytes4096['mipt']['test_acc']['mean'], 0.868,
+                                 bytes4096['mipt']['test_acc']['mean'] >= 0.868, 'results/bytes4096.json',
                                  f"1 epoch instead of 10 (GPU time); Transformer {bytes4096['attn']['test_acc']['mean']:.4f}"),
     'shakespeare_char_mipt_val_loss': target(s_mipt, 1.4697, s_mipt <= 1.4697, 'results/shakespeare_char.json',
                                              'our val split is the 5% after nanoGPT train split, not its 10%'),
