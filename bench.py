@@ -12,7 +12,8 @@ Sections
     train   one LM training step (AdamW, bf16 autocast), MIPT (K=64) against the SDPA Transformer twin and
             the naive-attention twin, ~31M parameters with cl100k_base, tokens/s and peak memory; also the
             twin with no mixer at all (embedding, FFNs, head), the floor under any mixer's step
-    decode  batch-1 decoding after 1k, 8k and 64k tokens of context: tokens/s and memory
+    decode  batch-1 decoding after 1k, 8k and 64k tokens of context: tokens/s and memory (MIPT eager and
+            through one CUDA graph per token, model.graphed_step)
     memory  peak training memory of the paper's classification model (d=128, 2 layers) against N
 
 Timings: CUDA events after warm-up, medians, random inputs (never zeros).
@@ -225,7 +226,7 @@ def bench_train():
 def bench_decode():
     rows = []
     for ctx in DECODE_CONTEXT:
-        for name, mixer in [('mipt_K64', 'mipt'), ('attention_sdpa', 'attention')]:
+        for name, mixer in [('mipt_K64', 'mipt'), ('mipt_K64_graph', 'mipt'), ('attention_sdpa', 'attention')]:
             model = MIPT(lm_config(mixer, ctx + 256)).cuda().eval()
             prompt = torch.randint(0, 100277, (1, ctx), device='cuda')
             row = {'context': ctx, 'model': name}
@@ -233,11 +234,12 @@ def bench_decode():
             def run():
                 with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
                     _, state = model.prefill(prompt)
+                    graphed = model.graphed_step(state, torch.bfloat16) if name.endswith('graph') else None
                     tok = prompt[:, -1]
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()
                     for _ in range(64):
-                        logits, state = model.step(tok, state)
+                        logits, state = graphed(tok) if graphed else model.step(tok, state)
                         tok = logits.argmax(-1)
                     torch.cuda.synchronize()
                 row['tokens_per_s'] = 64 / (time.perf_counter() - t0)

@@ -36,6 +36,7 @@ Contents, top to bottom: config, scans, the MIPT recurrence, the causal sparse c
 (MIPT and its Transformer twin), the model, decoding.
 """
 
+import contextlib
 import math
 import os
 import warnings
@@ -433,7 +434,7 @@ class SparseCache(nn.Module):
             score, pos = st['score'], st['pos']
             weakest = torch.where(score == score.min(1, keepdim=True).values, pos, -2).argmax(1)  # (B,)
             take = eligible & (s.to(score.dtype) > score.gather(1, weakest[:, None])[:, 0])       # (B,)
-            put = F.one_hot(weakest, pos.shape[1]).bool() & take[:, None]                        # (B, K)
+            put = (torch.arange(pos.shape[1], device=pos.device) == weakest[:, None]) & take[:, None]  # (B, K)
             st['k'] = torch.where(put[:, None, :, None], k[:, :, None], st['k'])
             st['v'] = torch.where(put[:, None, :, None], v[:, :, None], st['v'])
             st['score'] = torch.where(put, s[:, None].to(score.dtype), score)
@@ -710,6 +711,49 @@ class MIPT(nn.Module):
         x, _, states = self._body(idx, want_state=True)
         return self.head(x[:, -1]), states
 
+    def graphed_step(self, state, dtype=None):
+        """step as one CUDA graph replay, for decoding on a GPU (eager batch-1 decoding is bound by kernel
+        launches). Returns a function idx_t (B,) -> (logits, state) that continues from `state`; the state it
+        returns is held in static tensors, updated in place by every call. CUDA MIPT models with a finite
+        cache only; dtype: the autocast dtype to decode in (None: the weights' dtype)."""
+        if self.config.mixer != 'mipt' or self.config.K is None or not self.wte.weight.is_cuda:
+            raise ValueError("graphed_step needs a MIPT model with a finite cache on a CUDA device")
+        if self.training:
+            raise ValueError("graphed_step needs an eval-mode model (no dropout)")
+        dev = self.wte.weight.device
+        # static copies; the position t becomes a device tensor so that it is not baked into the graph
+        static = [{k: torch.as_tensor(v, device=dev).clone() for k, v in st.items()} for st in state]
+        tok = torch.zeros(len(static[0]['h']), dtype=torch.long, device=dev)
+        ctx = torch.autocast('cuda', dtype=dtype, cache_enabled=False) if dtype else contextlib.nullcontext()
+
+        def run():
+            with torch.no_grad(), ctx:
+                logits, new = self.step(tok, [dict(st) for st in static])
+                for st, nw in zip(static, new):
+                    for k, v in nw.items():
+                        st[k].copy_(v)
+            return logits
+
+        saved = [{k: v.clone() for k, v in st.items()} for st in static]
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):  # warm-up outside the graph (kernel loading, workspaces)
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        for st, sv in zip(static, saved):  # undo the warm-up's steps
+            for k in st:
+                st[k].copy_(sv[k])
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = run()
+
+        def step(idx_t):
+            tok.copy_(idx_t)
+            graph.replay()
+            return logits.clone(), static
+        return step
+
     @staticmethod
     def state_bytes(state):
         return sum(v.numel() * v.element_size() for st in state for v in st.values() if torch.is_tensor(v))
@@ -722,6 +766,10 @@ class MIPT(nn.Module):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         logits, state = self.prefill(idx)
+        graphed = None
+        if idx.is_cuda and self.config.mixer == 'mipt' and self.config.K is not None and not self.training:
+            amp = torch.get_autocast_dtype('cuda') if torch.is_autocast_enabled('cuda') else None
+            graphed = self.graphed_step(state, amp)
         for _ in range(max_new_tokens):
             logits = logits.float() / temperature
             if top_k is not None:
@@ -729,5 +777,5 @@ class MIPT(nn.Module):
                 logits[logits < v[:, [-1]]] = -math.inf
             nxt = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
             idx = torch.cat([idx, nxt], dim=1)
-            logits, state = self.step(nxt[:, 0], state)
+            logits, state = graphed(nxt[:, 0]) if graphed else self.step(nxt[:, 0], state)
         return idx

@@ -134,9 +134,20 @@ if __name__ == '__main__':
         print(f"(attention checkpoint: the prompt has {len(ids)} tokens; keeping the last block_size={T})")
         ids = ids[-T:]
 
+    # on a GPU a MIPT model with a finite cache decodes through one CUDA graph replay per token
+    use_graph = device_type == 'cuda' and is_mipt and config.K is not None
+    amp = torch.bfloat16 if device_type == 'cuda' and torch.cuda.is_bf16_supported() else None
+
+    def fresh_state():
+        state = model.init_state(1)
+        return state, (model.graphed_step(state, amp) if use_graph else None)
+
     @torch.no_grad()
     def feed(tok, state, context):
         """One token through model.step; past block_size an attention model recomputes a sliding window."""
+        if graphed is not None:
+            logits, state = graphed(torch.tensor([tok], device=device))
+            return logits.float(), state, None
         if is_mipt or state[0]['t'] < T:
             with ctx:
                 logits, state = model.step(torch.tensor([tok], device=device), state)
@@ -212,7 +223,7 @@ if __name__ == '__main__':
 
     # ---------------------------------------------------------------- classifier
     if classifier:
-        state = model.init_state(1)
+        state, graphed = fresh_state()
         s_hist = []
         t0 = time.time()
         for tok in ids:
@@ -231,7 +242,7 @@ if __name__ == '__main__':
 
     # ---------------------------------------------------------------- language model
     for k in range(num_samples):
-        state = model.init_state(1)
+        state, graphed = fresh_state()
         context = list(ids)
         s_hist = []
         t0 = time.time()

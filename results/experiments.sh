@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs behind the README's results table, several at once on one GPU (small models leave it
 # idle otherwise). Every run is `python train.py <config> --key=value ...`; results/collect.py gathers
-# their metrics.json files. Usage: bash results/experiments.sh OUT_ROOT [JOBS] [SET: a (default) | b ... g]
+# their metrics.json files. Usage: [ONLY=REGEX] bash results/experiments.sh OUT_ROOT [JOBS] [SET: a (default) | b ... g]
 set -u
 root=${1:-runs}; jobs=${2:-6}; set=${3:-a}; PY=${PY:-python}
 mkdir -p "$root"
@@ -77,12 +77,15 @@ if [ "$set" = f ]; then  # the sixth: IMDB-512 at ~5M at the config's full 5 epo
   cmds+=("$PY train.py $n2048 --cache_size=16 --out_dir=$root/needle2048e15-mipt-K16-s1")
   cmds+=("$PY train.py $n2048 --mixer=attention --cache_size=0 --out_dir=$root/needle2048e15-attn-s1")
 fi
-if [ "$set" = g ]; then  # the seventh: the LM gap at twice set c's budget (1000 iterations, 33M tokens)
+if [ "$set" = g ]; then  # the seventh: the LM gap at twice set c's budget (1000 iterations, 33M tokens); at
+  # most 2 jobs: three of these at once run out of memory on an 80 GB GPU
   cmds=()
   lm="config/lm_imdb.py --max_iters=1000 --lr_decay_iters=1000 --warmup_iters=100 --eval_interval=100"
   for K in 0 64; do cmds+=("$PY train.py $lm --cache_size=$K --out_dir=$root/lmimdb1k-mipt-K$K"); done
   cmds+=("$PY train.py $lm --mixer=attention --cache_size=0 --out_dir=$root/lmimdb1k-attn")
 fi
+# ONLY=REGEX keeps the runs whose command matches (to redo some of a set)
+if [ -n "${ONLY:-}" ]; then kept=(); for c in "${cmds[@]}"; do grep -qE "$ONLY" <<< "$c" && kept+=("$c"); done; cmds=("${kept[@]}"); fi
 # the long runs first, so that they overlap the short ones
 order=(); for i in $(seq $((${#cmds[@]}-1)) -1 0); do order+=("${cmds[$i]}"); done
 printf '%s\n' "${order[@]}" | xargs -P "$jobs" -I{} bash -c \

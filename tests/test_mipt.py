@@ -419,3 +419,12 @@ def test_p_penalty_only_in_training():
     pen.load_state_dict(plain.state_dict())
     assert pen(idx, idx)[1].item() > plain(idx, idx)[1].item()      # added while training
     assert pen.eval()(idx, idx)[1].item() == plain.eval()(idx, idx)[1].item()  # never in eval losses
+
+
+def test_graphed_step_needs_cuda_and_a_finite_cache():
+    model = MIPT(small(cache_size=3)).eval()
+    _, state = model.prefill(torch.randint(0, 40, (1, 5)))
+    with pytest.raises(ValueError, match='CUDA'):
+        model.graphed_step(state)
+    with pytest.raises(ValueError, match='finite cache'):
+        MIPT(small(cache_size=-1)).eval().graphed_step(state)
