@@ -208,8 +208,8 @@ __device__ __forceinline__ void bar_arrive(int par, int n) {
 
 // ---- forward ----------------------------------------------------------------------------
 // Block = S compute warps + 1 scan warp, software-pipelined over the block's tiles i:
-//   compute warps: [wait staged inputs of i] gates + fold of i -> seg | stage inputs of i+1
-//                  (cp.async) | arrive BAR_SEG(i) | sync BAR_CARRY(i-1) | write y of i-1
+//   compute warps: [wait staged inputs of i] gates + fold of i -> seg | arrive BAR_SEG(i) |
+//                  stage inputs of i+1 (cp.async) | sync BAR_CARRY(i-1) | write y of i-1
 //   scan warp:     sync BAR_SEG(i) | compose, publish, look back, carries of i | arrive
 //                  BAR_CARRY(i)
 // so the look-back latency of tile i hides behind the compute warps' work on i-1 and i+1,

@@ -714,10 +714,13 @@ class MIPT(nn.Module):
     def graphed_step(self, state, dtype=None):
         """step as one CUDA graph replay, for decoding on a GPU (eager batch-1 decoding is bound by kernel
         launches). Returns a function idx_t (B,) -> (logits, state) that continues from `state`; the state it
-        returns is held in static tensors, updated in place by every call. CUDA MIPT models with a finite
-        cache only; dtype: the autocast dtype to decode in (None: the weights' dtype)."""
-        if self.config.mixer != 'mipt' or self.config.K is None or not self.wte.weight.is_cuda:
-            raise ValueError("graphed_step needs a MIPT model with a finite cache on a CUDA device")
+        returns is held in static tensors, updated in place by every call (keep stepping it through the
+        returned function, not through step). CUDA MIPT models with a finite cache only; dtype: the autocast
+        dtype to decode in (None: the weights' dtype)."""
+        if self.config.mixer != 'mipt' or self.config.K is None:
+            raise ValueError("graphed_step needs a MIPT model with a finite cache (a growing one cannot be graphed)")
+        if not self.wte.weight.is_cuda:
+            raise ValueError("graphed_step needs the model on a CUDA device")
         if self.training:
             raise ValueError("graphed_step needs an eval-mode model (no dropout)")
         dev = self.wte.weight.device
@@ -735,18 +738,19 @@ class MIPT(nn.Module):
             return logits
 
         saved = [{k: v.clone() for k, v in st.items()} for st in static]
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):  # warm-up outside the graph (kernel loading, workspaces)
-            for _ in range(2):
-                run()
-        torch.cuda.current_stream(dev).wait_stream(side)
-        for st, sv in zip(static, saved):  # undo the warm-up's steps
-            for k in st:
-                st[k].copy_(sv[k])
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = run()
+        with torch.cuda.device(dev):
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):  # warm-up outside the graph (kernel loading, workspaces)
+                for _ in range(2):
+                    run()
+            torch.cuda.current_stream(dev).wait_stream(side)
+            for st, sv in zip(static, saved):  # undo the warm-up's steps
+                for k in st:
+                    st[k].copy_(sv[k])
+            with torch.cuda.graph(graph, stream=side):
+                logits = run()
 
         def step(idx_t):
             tok.copy_(idx_t)

@@ -214,7 +214,7 @@ if __name__ == '__main__':
                         f'(s near 1); <b><u>bold underlined</u></b> = held in the particle cache at the end '
                         f'({len(cached)} tokens). Mean s_t per layer: {" ".join(f"{m:.3f}" for m in mean)}. '
                         f'Hover a token for its position and score.</p>\n'
-                        f'<div style="font-family:monospace;color:white;line-height:1.6">{"".join(html)}</div>\n')
+                        f'<div style="font-family:monospace;color:white;line-height:1.6;white-space:pre-wrap">{"".join(html)}</div>\n')
             print(f"(written to {p_html})")
 
     if show_p and not is_mipt:

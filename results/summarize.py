@@ -1,4 +1,4 @@
-"""Turn results/runs_h100*.json (experiments.sh sets a to f, gathered by collect.py) into one results
+"""Turn results/runs_h100*.json (experiments.sh sets a to g, gathered by collect.py) into one results
 file per experiment and results/summary.json with the paper's targets. python results/summarize.py"""
 import glob
 import json
