@@ -711,6 +711,11 @@ class MIPT(nn.Module):
         x, _, states = self._body(idx, want_state=True)
         return self.head(x[:, -1]), states
 
+    def graphable(self):
+        """Whether graphed_step can decode this model: MIPT with a finite cache, on a GPU, in eval mode."""
+        return (self.config.mixer == 'mipt' and self.config.K is not None and self.wte.weight.is_cuda
+                and not self.training)
+
     def graphed_step(self, state, dtype=None):
         """step as one CUDA graph replay, for decoding on a GPU (eager batch-1 decoding is bound by kernel
         launches). Returns a function idx_t (B,) -> (logits, state) that continues from `state`; the state it
@@ -771,7 +776,7 @@ class MIPT(nn.Module):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         logits, state = self.prefill(idx)
         graphed = None
-        if idx.is_cuda and self.config.mixer == 'mipt' and self.config.K is not None and not self.training:
+        if self.graphable():
             amp = torch.get_autocast_dtype('cuda') if torch.is_autocast_enabled('cuda') else None
             graphed = self.graphed_step(state, amp)
         for _ in range(max_new_tokens):

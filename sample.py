@@ -135,7 +135,7 @@ if __name__ == '__main__':
         ids = ids[-T:]
 
     # on a GPU a MIPT model with a finite cache decodes through one CUDA graph replay per token
-    use_graph = device_type == 'cuda' and is_mipt and config.K is not None
+    use_graph = model.graphable()
     amp = torch.bfloat16 if device_type == 'cuda' and torch.cuda.is_bf16_supported() else None
 
     def fresh_state():

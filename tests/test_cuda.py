@@ -309,6 +309,7 @@ def test_graphed_step_equals_eager_step():
     with torch.no_grad():
         _, eager = model.prefill(prompt)
         _, st = model.prefill(prompt)
+        assert model.graphable()
         step = model.graphed_step(st)
         tok, seen = prompt[:, -1], set()
         for _ in range(40):

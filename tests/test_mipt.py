@@ -424,6 +424,7 @@ def test_p_penalty_only_in_training():
 def test_graphed_step_needs_cuda_and_a_finite_cache():
     model = MIPT(small(cache_size=3)).eval()
     _, state = model.prefill(torch.randint(0, 40, (1, 5)))
+    assert not model.graphable()  # on the CPU
     with pytest.raises(ValueError, match='on a CUDA device'):
         model.graphed_step(state)
     with pytest.raises(ValueError, match='finite cache'):
