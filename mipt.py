@@ -18,6 +18,8 @@ at a time with O(1) state.
 Tokens measured hard are "facts": a causal sparse cache keeps the K tokens with the highest score
 s_t = mean_d p_t and every position reads it with attention, fused into y through a sigmoid gate.
 Decoding then needs O(D) state plus an O(K D) cache per layer, where a Transformer needs O(T D).
+Selection itself has no gradient; in training, R random earlier positions are attended beside the
+cache (with the same log s_j bias), so that p also learns about tokens the cache has not caught yet.
 
 Glossary (code name: paper symbol, shape)
     logit   W_p x_t + bias           pre-sigmoid measurement, (B, T, D); its bias starts at
@@ -30,17 +32,24 @@ Glossary (code name: paper symbol, shape)
     y       y_t = Re h_t             the layer's output, (B, T, D)
     s       s_t = mean_d p_t         a token's measurement score, (B, T)
     tau     cache_tau                a token is eligible for the cache when s_t > tau
-    K       cache_size               cache slots per layer (0: no cache, -1: unbounded)
+    K       cache_size               cache slots per layer (0: no cache, -1: unbounded, None inside)
+    L       cache_chunk              query chunk of the cache's training path
+    R       cache_explore            training only: random earlier positions each query also attends to
+                                     (-1: all of them, i.e. dense soft selection; 0: off)
+    readout readout                  classifier: 'last' reads the final hidden state at the last real
+                                     token; 'mean' its running mean over positions (the paper's demo)
 
-Contents, top to bottom: config, scans, the MIPT recurrence, the causal sparse cache, the blocks
-(MIPT and its Transformer twin), the model, decoding.
+Contents, top to bottom: config, scans, the MIPT recurrence, the causal sparse cache, the decoding
+state, the blocks (MIPT and its Transformer twin), the model, decoding, and an appendix that loads the
+fused CUDA kernel.
 """
 
 import contextlib
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from collections import namedtuple
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -64,24 +73,35 @@ class MIPTConfig:
     cache_size: int = 16         # K: 0 = no cache, -1 = unbounded
     cache_tau: float = 0.0       # tau: eligible when s_t > tau
     cache_chunk: int = 128       # L: query chunk of the exact causal cache in training
+    cache_explore: int = 64      # R: exploration candidates per query in training (0 off, -1 all)
     p_init: float = 0.1          # initial measurement rate
     p_penalty: float = 0.0       # optional sparsity penalty on s, added to the loss
     n_classes: int = 0           # 0 = language model, > 0 = classifier
+    readout: str = 'last'        # classifier read-out: 'last' | 'mean'
     scan_impl: str = 'auto'      # 'auto' (CUDA kernel when available) | 'torch' | 'cuda'
 
     def __post_init__(self):
         def need(ok, msg):
             if not ok:
                 raise ValueError(msg)
+        for f in fields(self):  # types first: MIPTConfig(n_layer='2') or n_embd=32.5 fail here, by name
+            v, want = getattr(self, f.name), f.type
+            ok = isinstance(v, want) and not (want is int and isinstance(v, bool))
+            if want is float and isinstance(v, int) and not isinstance(v, bool):
+                setattr(self, f.name, float(v))
+                ok = True
+            need(ok, f"{f.name} must be {want.__name__}, got {v!r} ({type(v).__name__})")
         need(self.mixer in ('mipt', 'attention'), f"mixer must be 'mipt' or 'attention', got {self.mixer!r}")
         need(self.attn_impl in ('sdpa', 'naive'), f"attn_impl must be 'sdpa' or 'naive', got {self.attn_impl!r}")
         need(self.scan_impl in ('auto', 'torch', 'cuda'),
              f"scan_impl must be 'auto', 'torch' or 'cuda', got {self.scan_impl!r}")
+        need(self.readout in ('last', 'mean'), f"readout must be 'last' or 'mean', got {self.readout!r}")
         for name in ('vocab_size', 'block_size', 'n_layer', 'n_embd', 'n_head', 'cache_chunk'):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.n_embd % self.n_head == 0,
              f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); change one of them")
         need(self.cache_size >= -1, f"cache_size must be -1 (unbounded), 0 (no cache) or K > 0, got {self.cache_size}")
+        need(self.cache_explore >= -1, f"cache_explore must be -1 (all), 0 (off) or R > 0, got {self.cache_explore}")
         need(0.0 <= self.cache_tau < 1.0, f"cache_tau must lie in [0, 1) since s_t is a mean of sigmoids, got {self.cache_tau}")
         need(0.0 < self.p_init < 1.0, f"p_init must lie in (0, 1), got {self.p_init}")
         need(0.0 <= self.dropout < 1.0, f"dropout must lie in [0, 1), got {self.dropout}")
@@ -94,7 +114,7 @@ class MIPTConfig:
 
     @property
     def K(self):
-        """Cache slots, None when unbounded."""
+        """Cache slots: None when unbounded. The one internal spelling of "unbounded"."""
         return None if self.cache_size == -1 else self.cache_size
 
 
@@ -154,6 +174,14 @@ def scan(a, b, h0=None):
     return h.reshape(B, C * L, D)[:, :T]
 
 
+# -----------------------------------------------------------------------------
+# The MIPT recurrence
+#
+# This is the reference path, written in PyTorch right here. On a GPU the same function runs as one
+# fused CUDA kernel (kernels.cu, loaded in the appendix at the end of this file), which computes p, a
+# and b in registers and never writes them to memory; tests check the two against each other.
+
+
 def mipt_recurrence(logit, theta, u_re, u_im, h0=None, impl='auto'):
     """The MIPT recurrence from the layer's projections. Inputs (B, T, D) real, h0 (B, D) complex or None.
     Returns y = Re h (B, T, D) and the last state h_T (B, D), in float32 (float64 for float64 inputs),
@@ -175,15 +203,673 @@ def mipt_recurrence(logit, theta, u_re, u_im, h0=None, impl='auto'):
 
 
 # -----------------------------------------------------------------------------
-# The fused CUDA scan (kernels.cu): computes p, a and b in registers from the raw projections, scans in
-# fp32 with a single-pass chunked look-back, writes only y and the chunk-boundary states, and runs the
-# reverse scan with conjugated gates for the gradients. Compiled on first use; without a GPU or a
-# compiler, mipt_recurrence falls back to the PyTorch scan above.
+# The causal sparse cache
+#
+# THE RULE, defined once by rank() and used by training (select_cache), decoding (SparseCache.step),
+# the state that prefill exports, and probe: a token outranks another when its score s is higher, or
+# when the scores are equal and it came earlier. The cache at position i holds the K best-ranked
+# eligible tokens (s_j > tau) among positions j <= i. In decoding, a newcomer is the latest token, so it
+# enters a full cache only when its score is strictly higher than the weakest slot's, and evicts that
+# slot. sigmoid saturates to exactly 1.0 in float32, so ties are common: torch.topk alone would not do.
 
-# Tile configurations (S compute warps per block, L timesteps per thread); a tile covers 32
-# channels and S*L timesteps.  The backward tile length must be a multiple of the forward
-# one.  Compiled: (8, 8), (8, 4), (4, 8); (8, 8) for both was fastest on an H100 at
-# (B, D, T) = (8, 1024, 8192) and (1, 1024, 65536). Any compiled pair may be set at run time.
+
+def rank(score, pos):
+    """Order of candidates, best first, by THE RULE. score, pos (..., N) -> indices (..., N)."""
+    by_pos = pos.argsort(dim=-1, stable=True)
+    by_score = score.gather(-1, by_pos).argsort(dim=-1, descending=True, stable=True)
+    return by_pos.gather(-1, by_score)
+
+
+@torch.no_grad()
+def select_cache(s, K, tau, L):
+    """Exact causal cache membership for every position, without a loop over time.
+
+    s: (B, T) scores; K: slots (None = unbounded). Positions are cut into C chunks of L queries. A chunk's
+    candidates are the cache carried in from all earlier chunks plus its own L positions, since the top-K
+    of a union is the top-K of the parts' top-Ks. Memory is O(T (K + L)); unbounded carries every earlier
+    eligible token, so it is quadratic by nature.
+
+    Returns cand (B, C, K + L) candidate positions (-1 = none) and member (B, C, L, K + L), True where
+    candidate j is in the cache of the chunk's query l.
+    """
+    B, T = s.shape
+    C = -(-T // L)
+    Kc = T if K is None else K                                                          # carried slots
+    dev = s.device
+    # one unique integer key per token from THE RULE, higher is better; -1: ineligible
+    order = rank(s, torch.arange(T, device=dev).expand(B, T))                          # (B, T)
+    place = torch.empty_like(order).scatter_(1, order, torch.arange(T, device=dev).expand(B, T))
+    key = torch.where(s > tau, T - place, -1)                                          # (B, T)
+    key = F.pad(key, (0, C * L - T), value=-1).view(B, C, L)
+    # the cache carried into each chunk: a prefix scan of top-K over chunks (Hillis-Steele, log2 C rounds)
+    top = F.pad(key, (0, max(0, Kc - L)), value=-1).topk(Kc, dim=2).values            # (B, C, Kc)
+    shift = 1
+    while shift < C:
+        merged = torch.cat([top[:, shift:], top[:, :-shift]], dim=2).topk(Kc, dim=2).values
+        top = torch.cat([top[:, :shift], merged], dim=1)
+        shift *= 2
+    carry = torch.cat([top.new_full((B, 1, Kc), -1), top[:, :-1]], dim=1)             # (B, C, Kc)
+    carry_pos = torch.where(carry >= 0, order.gather(1, (T - carry).clamp(max=T - 1).view(B, -1)).view(B, C, Kc), -1)
+    qpos = torch.arange(C * L, device=dev).view(1, C, L)
+    cand = torch.cat([carry_pos, qpos.expand(B, C, L)], dim=2)                        # (B, C, Kc+L)
+    cand_key = torch.cat([carry, key], dim=2)                                         # (B, C, Kc+L)
+    visible = (cand_key >= 0)[:, :, None, :] & (cand[:, :, None, :] <= qpos[..., None])  # (B, C, L, Kc+L)
+    if K is None:  # unbounded: nothing is ever evicted
+        return cand, visible
+    # candidate j is a member for query l when fewer than K visible candidates outrank it
+    beats = (cand_key[:, :, :, None] > cand_key[:, :, None, :]).float()               # (B, C, Kc+L, Kc+L)
+    with torch.autocast(device_type=dev.type, enabled=False):                          # exact counts
+        n_above = visible.float() @ beats                                              # (B, C, L, Kc+L)
+    return cand, visible & (n_above < K)
+
+
+@torch.no_grad()
+def add_exploration(s, R, L, cand, member):
+    """Training only: beside the exact cache, each query also attends to R random positions j <= i.
+
+    They are drawn as a second "cache" over uniform random scores (a causal reservoir sample: the top-R
+    of random keys among j <= i is a uniform R-subset), so select_cache builds them and causality holds
+    by construction. R = None attends to every earlier position (dense soft selection). An explored
+    position already in the query's exact cache is not added twice. Returns the widened (cand, member)."""
+    xcand, xmember = select_cache(torch.rand_like(s, dtype=torch.float32), R, -1.0, L)
+    Kc, Rc = cand.shape[2] - L, xcand.shape[2] - L
+    carry, xcarry = cand[..., :Kc], xcand[..., :Rc]                                  # (B, C, Kc), (B, C, Rc)
+    same = (xcarry[..., :, None] == carry[..., None, :]) & (xcarry[..., :, None] >= 0)  # (B, C, Rc, Kc)
+    twice = torch.einsum('bclk,bcrk->bclr', member[..., :Kc].float(), same.float()) > 0  # (B, C, L, Rc)
+    cand = torch.cat([carry, xcarry, cand[..., Kc:]], dim=2)                          # (B, C, Kc+Rc+L)
+    member = torch.cat([member[..., :Kc], xmember[..., :Rc] & ~twice, member[..., Kc:] | xmember[..., Rc:]], 3)
+    return cand, member
+
+
+class SparseCache(nn.Module):
+    """Reads the cache with multi-head attention and fuses it into y: out = y + g * attend(q, cache).
+
+    Keys and values are projected from y_j; log s_j is added to the logits, so p learns what is worth
+    storing. A learned null slot makes an empty cache well defined."""
+
+    def __init__(self, config):
+        super().__init__()
+        D, H = config.n_embd, config.n_head
+        self.n_head, self.K, self.tau, self.L = H, config.K, config.cache_tau, config.cache_chunk
+        self.R = None if config.cache_explore == -1 else config.cache_explore
+        self.qkv = nn.Linear(D, 3 * D, bias=config.bias)
+        self.gate = nn.Linear(D, D, bias=config.bias)
+        self.proj = nn.Linear(D, D, bias=config.bias)
+        self.null_k = nn.Parameter(torch.randn(H, D // H) * 0.02)
+        self.null_v = nn.Parameter(torch.zeros(H, D // H))
+
+    def forward(self, y, s, want_state=False):
+        # y (B, T, D) the scan output, s (B, T) scores
+        B, T, D = y.shape
+        H, hd, L = self.n_head, D // self.n_head, self.L
+        cand, member = select_cache(s.detach(), self.K, self.tau, L)   # (B, C, N), (B, C, L, N)
+        if self.training and self.R != 0:
+            cand, member = add_exploration(s.detach(), self.R, L, cand, member)
+        C, N = cand.shape[1], cand.shape[2]
+        q, k, v = F.pad(self.qkv(y), (0, 0, 0, C * L - T)).split(D, dim=2)  # (B, C*L, D) each
+        q = q.view(B * C, L, H, hd).transpose(1, 2)    # (B*C, H, L, hd)
+        rows = torch.arange(B, device=y.device)[:, None, None]
+        at = cand.clamp(min=0)                         # (B, C, N) positions to gather
+        log_s = F.pad(torch.log(s.clamp(min=1e-30)), (0, C * L - T))    # (B, C*L)
+        cand_k = torch.cat([k[rows, at].view(B * C, N, H, hd), self.null_k.expand(B * C, 1, H, hd).to(k.dtype)], 1)
+        cand_v = torch.cat([v[rows, at].view(B * C, N, H, hd), self.null_v.expand(B * C, 1, H, hd).to(v.dtype)], 1)
+        score_bias = torch.where(member, log_s[rows, at][:, :, None, :], -math.inf)   # (B, C, L, N)
+        score_bias = F.pad(score_bias, (0, 1), value=0.0).view(B * C, 1, L, N + 1)  # + the null slot
+        att = F.scaled_dot_product_attention(q, cand_k.transpose(1, 2), cand_v.transpose(1, 2),
+                                             attn_mask=score_bias.to(q.dtype))
+        att = att.transpose(1, 2).reshape(B, C * L, D)[:, :T]  # (B, T, D)
+        out = y + torch.sigmoid(self.gate(y)) * self.proj(att)
+        if not want_state:
+            return out, None
+        # the decoding state after the last position: its row's cache, packed best first by THE RULE
+        c, l = divmod(T - 1, L)
+        pos = torch.where(member[:, c, l], cand[:, c], -1)                         # (B, N)
+        score = torch.where(pos >= 0, s.detach().gather(1, pos.clamp(min=0)), -math.inf)
+        best = rank(score, torch.where(pos >= 0, pos, T))
+        n = N if self.K is None else self.K
+        pos, score = pos.gather(1, best)[:, :n], score.gather(1, best)[:, :n]        # (B, n)
+        at = torch.arange(B, device=y.device)[:, None], pos.clamp(min=0)
+        slots = CacheSlots(k=k[at].view(B, n, H, hd).transpose(1, 2), v=v[at].view(B, n, H, hd).transpose(1, 2),
+                           score=score, pos=pos)
+        return out, slots.compact() if self.K is None else slots
+
+    def empty_state(self, B, device, dtype):
+        K, H, hd = self.K or 0, self.n_head, self.qkv.in_features // self.n_head
+        return CacheSlots(k=torch.zeros(B, H, K, hd, device=device, dtype=dtype),
+                          v=torch.zeros(B, H, K, hd, device=device, dtype=dtype),
+                          score=torch.full((B, K), -math.inf, device=device, dtype=dtype),
+                          pos=torch.full((B, K), -1, dtype=torch.long, device=device))
+
+    def step(self, y, s, t, slots):
+        """One position. y (B, D), s (B,), t the position; returns the output (B, D) and the new slots."""
+        B, D = y.shape
+        H, hd = self.n_head, D // self.n_head
+        q, k, v = self.qkv(y).view(B, 3, H, hd).unbind(1)   # (B, H, hd) each
+        eligible = s > self.tau
+        if self.K is None and bool(eligible.any()):        # unbounded: open a slot, never evict
+            slots = slots.grow()
+        if slots.pos.shape[1] > 0:
+            weakest = rank(slots.score, slots.pos)[:, -1]                                       # (B,) THE RULE
+            take = eligible & (s.to(slots.score.dtype) > slots.score.gather(1, weakest[:, None])[:, 0])
+            put = (torch.arange(slots.pos.shape[1], device=y.device) == weakest[:, None]) & take[:, None]  # (B, K)
+            slots = CacheSlots(k=torch.where(put[:, None, :, None], k[:, :, None], slots.k),
+                               v=torch.where(put[:, None, :, None], v[:, :, None], slots.v),
+                               score=torch.where(put, s[:, None].to(slots.score.dtype), slots.score),
+                               pos=torch.where(put, t, slots.pos))
+        # attend over the filled slots plus the null slot
+        valid = slots.pos >= 0                                                        # (B, K)
+        logits = torch.einsum('bhd,bhkd->bhk', q, slots.k) / math.sqrt(hd)
+        logits = logits + torch.where(valid, torch.log(slots.score.clamp(min=1e-30)), -math.inf)[:, None]
+        null = (q * self.null_k.to(q.dtype)).sum(-1, keepdim=True) / math.sqrt(hd)  # (B, H, 1)
+        w = torch.softmax(torch.cat([logits, null], -1), -1)                       # (B, H, K+1)
+        att = torch.einsum('bhk,bhkd->bhd', w[..., :-1], slots.v) + w[..., -1:] * self.null_v.to(v.dtype)
+        return y + torch.sigmoid(self.gate(y)) * self.proj(att.reshape(B, D)), slots
+
+
+# -----------------------------------------------------------------------------
+# The decoding state: one small object per mixer, and the model's DecodeState around them (after
+# nanochat's KVCache). Every tensor of a state is reachable through tensors(), which byte counts and
+# CUDA-graph copies use.
+
+
+class State:
+    """Base of the state objects: dataclasses whose fields are tensors, other States, lists of them, or
+    plain values."""
+
+    def tensors(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            for x in (v if isinstance(v, list) else [v]):
+                if torch.is_tensor(x):
+                    yield x
+                elif isinstance(x, State):
+                    yield from x.tensors()
+
+    def map(self, fn):
+        """A new state of the same structure with fn applied to every tensor."""
+        def m(x):
+            return fn(x) if torch.is_tensor(x) else x.map(fn) if isinstance(x, State) else x
+        return type(self)(**{f.name: ([m(x) for x in v] if isinstance(v := getattr(self, f.name), list) else m(v))
+                             for f in fields(self)})
+
+    def copy_(self, other):
+        """Copy other's tensors into this state's tensors, in place (shapes must match)."""
+        for dst, src in zip(list(self.tensors()), list(other.tensors()), strict=True):
+            dst.copy_(src)
+        return self
+
+
+@dataclass
+class CacheSlots(State):
+    """The sparse cache's K slots. Empty slots have pos -1 and score -inf."""
+    k: torch.Tensor          # (B, H, K, hd)
+    v: torch.Tensor          # (B, H, K, hd)
+    score: torch.Tensor      # (B, K) s_j of the cached token
+    pos: torch.Tensor        # (B, K) its position
+
+    def grow(self):
+        """One more empty slot (the unbounded cache)."""
+        return CacheSlots(k=F.pad(self.k, (0, 0, 0, 1)), v=F.pad(self.v, (0, 0, 0, 1)),
+                          score=F.pad(self.score, (0, 1), value=-math.inf), pos=F.pad(self.pos, (0, 1), value=-1))
+
+    def compact(self):
+        """Drop the slots that are empty in every row (the unbounded cache holds only what it stored)."""
+        n = int((self.pos >= 0).sum(1).max()) if self.pos.numel() else 0
+        return CacheSlots(k=self.k[:, :, :n], v=self.v[:, :, :n], score=self.score[:, :n], pos=self.pos[:, :n])
+
+
+@dataclass
+class MIPTState(State):
+    """A MIPT layer's decoding state: the complex state h, the last token's score, the cache slots."""
+    h: torch.Tensor                      # (B, D) complex
+    s: torch.Tensor                      # (B,) score s_t of the token just consumed
+    cache: CacheSlots = None             # None without a cache (K = 0)
+
+
+@dataclass
+class KVCache(State):
+    """The attention twin's decoding state: every past key and value (it grows with the context)."""
+    k: torch.Tensor                      # (B, H, t, hd)
+    v: torch.Tensor                      # (B, H, t, hd)
+
+
+@dataclass
+class DecodeState(State):
+    """The whole model's decoding state: one state per layer, the position (kept once), and for
+    readout='mean' the running sum of the final hidden states."""
+    layers: list = field(default_factory=list)
+    pos: object = 0                      # tokens consumed: an int, or a device tensor under a CUDA graph
+    pooled: torch.Tensor = None          # (B, D) readout='mean' only
+
+    @property
+    def batch_size(self):
+        return next(self.tensors()).shape[0]
+
+    def advance(self, n=1):
+        self.pos = self.pos + n
+        return self
+
+
+# -----------------------------------------------------------------------------
+# Blocks
+#
+# The mixer protocol (MIPTLayer and SelfAttention; the peers in peers.py follow it too):
+#   forward(x (B, T, D), want_state) -> (out (B, T, D), s (B, T) or None, state or None)
+#   init_state(B, device, dtype)     -> the state before any token
+#   step(x (B, D), state, pos)       -> (out (B, D), new state): one token at position pos
+
+
+class MIPTLayer(nn.Module):
+    """x -> (logit, theta, u) -> the recurrence -> y = Re h -> the sparse cache (when K != 0)."""
+
+    def __init__(self, config):
+        super().__init__()
+        D = config.n_embd
+        self.n_embd, self.scan_impl = D, config.scan_impl
+        self.proj = nn.Linear(D, 4 * D, bias=True)  # rows: [W_p | W_theta | W_r | W_i]
+        self.cache = SparseCache(config) if config.cache_size != 0 else None
+
+    def recur(self, x, h0=None):
+        """x (B, T, D), normalised -> y = Re h (B, T, D), the last state h_T (B, D), the scores s (B, T)."""
+        logit, theta, u_re, u_im = self.proj(x).chunk(4, dim=-1)              # (B, T, D) each
+        y, h_last = mipt_recurrence(logit, theta, u_re, u_im, h0, impl=self.scan_impl)
+        return y, h_last, torch.sigmoid(logit.to(y.dtype)).mean(-1)
+
+    def forward(self, x, want_state=False):
+        y, h_last, s = self.recur(x)
+        out, slots = (y, None) if self.cache is None else self.cache(y, s, want_state)
+        state = MIPTState(h=h_last, s=s[:, -1].detach(), cache=slots) if want_state else None
+        return out, s, state
+
+    def init_state(self, B, device, dtype):
+        return MIPTState(h=torch.zeros(B, self.n_embd, device=device, dtype=_complex(dtype)),
+                         s=torch.zeros(B, device=device, dtype=dtype),
+                         cache=None if self.cache is None else self.cache.empty_state(B, device, dtype))
+
+    def step(self, x, state, pos):
+        # x (B, D): one token, through the same recurrence as forward, from the carried state
+        y, h, s = self.recur(x[:, None], state.h)
+        y, s = y[:, 0], s[:, 0]                                                # (B, D), (B,)
+        out, slots = (y, None) if self.cache is None else self.cache.step(y, s, pos, state.cache)
+        return out, MIPTState(h=h, s=s, cache=slots)
+
+
+class SelfAttention(nn.Module):
+    """Causal multi-head self-attention: the Transformer twin's mixer."""
+
+    def __init__(self, config):
+        super().__init__()
+        D = config.n_embd
+        self.n_head, self.impl, self.dropout = config.n_head, config.attn_impl, config.dropout
+        self.c_attn = nn.Linear(D, 3 * D, bias=config.bias)
+        self.c_proj = nn.Linear(D, D, bias=config.bias)
+
+    def _heads(self, x):
+        B, T, D = x.shape
+        return [t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(D, dim=2)]
+
+    def forward(self, x, want_state=False):
+        B, T, D = x.shape
+        q, k, v = self._heads(x)  # (B, H, T, hd) each
+        drop = self.dropout if self.training else 0.0
+        if self.impl == 'sdpa':
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
+        else:  # naive: the T x T matrix in memory, as in the paper's memory figure
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+            att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), -math.inf)
+            y = F.dropout(torch.softmax(att, dim=-1), drop, self.training) @ v
+        out = self.c_proj(y.transpose(1, 2).reshape(B, T, D))
+        return out, None, (KVCache(k=k, v=v) if want_state else None)
+
+    def init_state(self, B, device, dtype):
+        hd = self.c_proj.in_features // self.n_head
+        empty = torch.zeros(B, self.n_head, 0, hd, device=device, dtype=dtype)
+        return KVCache(k=empty, v=empty.clone())
+
+    def step(self, x, state, pos):
+        q, k, v = self._heads(x[:, None])  # (B, H, 1, hd)
+        state = KVCache(k=torch.cat([state.k, k], 2), v=torch.cat([state.v, v], 2))
+        # one query: plain softmax attention over every cached (past) key, (B, H, 1, t)
+        scores = (q @ state.k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        y = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype) @ state.v
+        return self.c_proj(y.reshape(x.shape)), state
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """LayerNorm -> mixer (MIPT + cache, or attention) -> residual -> LayerNorm -> FFN -> residual."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mix = MIPTLayer(config) if config.mixer == 'mipt' else SelfAttention(config)
+        self.drop = nn.Dropout(config.dropout)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, want_state=False):
+        m, s, state = self.mix(self.ln_1(x), want_state)
+        x = x + self.drop(m)
+        return x + self.mlp(self.ln_2(x)), s, state
+
+    def step(self, x, state, pos):
+        m, state = self.mix.step(self.ln_1(x), state, pos)
+        x = x + m
+        return x + self.mlp(self.ln_2(x)), state
+
+
+def _complex(dtype):
+    return torch.complex128 if dtype == torch.float64 else torch.complex64
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class MIPT(nn.Module):
+    """A language model (n_classes = 0, head tied to the embedding) or a classifier read causally at each
+    sequence's last real token (readout='last') or from the running mean up to it (readout='mean').
+    mixer='attention' turns it into the Transformer twin: the same embedding, LayerNorms, FFN, head and
+    initialisation, plus learned positions."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        D = config.n_embd
+        self.wte = nn.Embedding(config.vocab_size, D)
+        self.wpe = nn.Embedding(config.block_size, D) if config.mixer == 'attention' else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(D, bias=config.bias)
+        if config.n_classes:
+            self.head = nn.Linear(D, config.n_classes)
+        else:
+            self.head = nn.Linear(D, config.vocab_size, bias=False)
+            self.head.weight = self.wte.weight  # tied
+        self.apply(self._init_weights)
+        for name, w in self.named_parameters():  # residual projections, scaled as in GPT-2
+            if name.endswith(('c_proj.weight', 'cache.proj.weight')):
+                nn.init.normal_(w, 0.0, 0.02 / math.sqrt(2 * config.n_layer))
+        for block in self.blocks:
+            if isinstance(block.mix, MIPTLayer):
+                with torch.no_grad():
+                    block.mix.proj.bias[:D] = math.log(config.p_init / (1 - config.p_init))  # wave phase
+                    block.mix.proj.weight[D:2 * D] *= 0.1                                     # small theta
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0.0, 0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, 0.02)
+
+    def get_num_params(self, non_embedding=True):
+        """Parameters; non_embedding leaves out the token (and position) embeddings, as the paper counts."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
+        return n
+
+    def _check_ids(self, idx):
+        if idx.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"token ids must be an integer tensor, got {idx.dtype}")
+        if idx.numel() and not (idx.is_cuda and torch.cuda.is_current_stream_capturing()):
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"token ids must lie in [0, vocab_size={self.config.vocab_size}), got ids from {lo} to {hi}")
+
+    def _embed(self, idx, t0=0):
+        self._check_ids(idx)
+        x = self.wte(idx)
+        if self.wpe is not None:
+            T = idx.shape[-1] if idx.dim() == 2 else 1
+            if t0 + T > self.config.block_size:
+                raise ValueError(f"the attention twin has learned positions up to block_size="
+                                 f"{self.config.block_size}, got position {t0 + T - 1}; crop the context")
+            x = x + self.wpe(torch.arange(t0, t0 + T, device=idx.device)).squeeze(0)
+        return self.drop(x)
+
+    def _body(self, idx, want_state=False):
+        if idx.dim() != 2 or idx.shape[0] == 0 or idx.shape[1] == 0:
+            raise ValueError(f"idx must be (B, T) token ids with B, T >= 1, got shape {tuple(idx.shape)}")
+        x = self._embed(idx)
+        scores, states = [], []
+        for block in self.blocks:
+            x, s, state = block(x, want_state)
+            scores.append(s)
+            states.append(state)
+        return self.ln_f(x), scores, states
+
+    def _lengths(self, idx, lengths):
+        B, T = idx.shape
+        if lengths is None:
+            return torch.full((B,), T, device=idx.device)
+        if not torch.is_tensor(lengths) or lengths.dtype.is_floating_point or lengths.dtype == torch.bool \
+                or lengths.shape != (B,):
+            raise ValueError(f"lengths must be an integer tensor of shape (B,) = ({B},), got "
+                             f"{tuple(lengths.shape) if torch.is_tensor(lengths) else type(lengths).__name__}"
+                             f"{f' {lengths.dtype}' if torch.is_tensor(lengths) else ''}")
+        if not ((lengths >= 1) & (lengths <= T)).all():
+            raise ValueError(f"lengths must lie in [1, T={T}], got {lengths.tolist()}")
+        return lengths.to(idx.device)
+
+    def _read(self, x, lengths):
+        """The classifier's read-out from the final hidden states x (B, T, D) at each row's last real token."""
+        if self.config.readout == 'mean':  # the causal running mean, so that padding never reaches it
+            x = x.cumsum(1) / torch.arange(1, x.shape[1] + 1, device=x.device, dtype=x.dtype)[:, None]
+        return x[torch.arange(x.shape[0], device=x.device), lengths - 1]         # (B, D)
+
+    def forward(self, idx, targets=None, lengths=None, labels=None):
+        """idx (B, T). LM: targets (B, T), -1 ignored, gives logits (B, T, V).
+        Classifier: targets (or labels) (B,) and lengths (B,) real tokens per right-padded row, gives
+        logits (B, n_classes) read at position lengths - 1, exactly as each row would classify alone."""
+        targets = labels if labels is not None else targets
+        x, scores, _ = self._body(idx)                    # (B, T, D)
+        if self.config.n_classes:
+            logits = self.head(self._read(x, self._lengths(idx, lengths)))  # (B, n_classes)
+            loss = None if targets is None else F.cross_entropy(logits.float(), targets)
+        else:
+            logits = self.head(x)                         # (B, T, V)
+            loss = None if targets is None else F.cross_entropy(
+                logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
+        if loss is not None and self.training and self.config.p_penalty and scores[0] is not None:
+            loss = loss + self.config.p_penalty * torch.stack([s.mean() for s in scores]).mean()  # training only
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW; tensors of 2 or more dimensions (weights, embeddings, null slots) decay, the rest do not."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+                  {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=(device_type == 'cuda'))
+
+    @torch.no_grad()
+    def probe(self, idx, lengths=None):
+        """Measurement statistics per layer: the mean score s, and the mean number of cached tokens at
+        each row's last real position. By THE RULE the cache there holds min(K, #eligible so far)."""
+        was = self.training
+        self.eval()
+        _, scores, _ = self._body(idx)
+        self.train(was)
+        if scores[0] is None:
+            return {'p_mean': [], 'cache_fill': [], 's': []}
+        B, T = idx.shape
+        real = torch.arange(T, device=idx.device)[None] < self._lengths(idx, lengths)[:, None]   # (B, T)
+        p_mean, fill = [], []
+        for s in scores:
+            p_mean.append((s * real).sum().item() / real.sum().item())
+            n_elig = ((s > self.config.cache_tau) & real).sum(1).float()   # (B,)
+            K = self.config.K
+            fill.append((n_elig if K is None else n_elig.clamp(max=K)).mean().item())
+        return {'p_mean': p_mean, 'cache_fill': fill, 's': scores}
+
+    # -------------------------------------------------------------------------
+    # Decoding: O(1) state per layer for MIPT with finite K
+
+    def init_state(self, batch_size):
+        w = self.wte.weight
+        pooled = w.new_zeros(batch_size, w.shape[1]) if self.config.n_classes and self.config.readout == 'mean' else None
+        return DecodeState(layers=[block.mix.init_state(batch_size, w.device, w.dtype) for block in self.blocks],
+                           pos=0, pooled=pooled)
+
+    def step(self, idx_t, state):
+        """Consume one token per row, idx_t (B,). Returns logits (B, V) or (B, n_classes), and the state
+        (the same DecodeState, advanced by one position)."""
+        if not isinstance(state, DecodeState) or len(state.layers) != len(self.blocks):
+            raise ValueError(f"state must be this model's DecodeState with {len(self.blocks)} layers (model.init_state "
+                             f"or model.prefill), got {type(state).__name__} with "
+                             f"{len(getattr(state, 'layers', []))} layers")
+        if idx_t.dim() != 1 or idx_t.shape[0] != state.batch_size:
+            raise ValueError(f"idx_t must be (B,) = ({state.batch_size},) tokens, one per row of the state, "
+                             f"got shape {tuple(idx_t.shape)}")
+        x = self._embed(idx_t, t0=state.pos)              # (B, D)
+        for i, block in enumerate(self.blocks):
+            x, state.layers[i] = block.step(x, state.layers[i], state.pos)
+        x = self.ln_f(x)
+        if state.pooled is not None:  # readout='mean': the running mean of the final hidden states
+            state.pooled = state.pooled + x
+            x = state.pooled / (state.pos + 1)
+        state.advance()
+        return self.head(x), state
+
+    @torch.no_grad()
+    def prefill(self, idx):
+        """A parallel pass over a prompt (B, T). Returns the last position's logits and the decoding state,
+        equal to stepping through the prompt token by token."""
+        x, _, states = self._body(idx, want_state=True)
+        pooled = x.sum(1) if self.config.n_classes and self.config.readout == 'mean' else None
+        last = pooled / idx.shape[1] if pooled is not None else x[:, -1]
+        return self.head(last), DecodeState(layers=states, pos=idx.shape[1], pooled=pooled)
+
+    @staticmethod
+    def state_bytes(state):
+        return sum(t.numel() * t.element_size() for t in state.tensors())
+
+    def graphable(self):
+        """Whether graphed_step can decode this model: MIPT with a finite cache, on a GPU, in eval mode."""
+        return (self.config.mixer == 'mipt' and self.config.K is not None and self.wte.weight.is_cuda
+                and not self.training)
+
+    def graphed_step(self, state, dtype=None):
+        """step as one CUDA graph replay, for decoding on a GPU (eager batch-1 decoding is bound by kernel
+        launches). Returns a function idx_t (B,) -> (logits, state) that continues from `state`; the state it
+        returns is held in static tensors, updated in place by every call (keep stepping it through the
+        returned function, not through step). CUDA MIPT models with a finite cache only; dtype: the autocast
+        dtype to decode in (None: the weights' dtype)."""
+        if self.config.mixer != 'mipt' or self.config.K is None:
+            raise ValueError("graphed_step needs a MIPT model with a finite cache (a growing one cannot be graphed)")
+        if not self.wte.weight.is_cuda:
+            raise ValueError("graphed_step needs the model on a CUDA device")
+        if self.training:
+            raise ValueError("graphed_step needs an eval-mode model (no dropout)")
+        dev = self.wte.weight.device
+        static = state.map(lambda t: t.to(dev).clone())
+        static.pos = torch.as_tensor(state.pos, device=dev).clone()  # a tensor, so that it is not baked in
+        tok = torch.zeros(static.batch_size, dtype=torch.long, device=dev)
+        ctx = torch.autocast('cuda', dtype=dtype, cache_enabled=False) if dtype else contextlib.nullcontext()
+
+        def run():
+            with torch.no_grad(), ctx:
+                logits, new = self.step(tok, static.map(lambda t: t))  # a shallow copy: step rebinds its fields
+                static.copy_(new)
+            return logits
+
+        saved = static.map(torch.clone)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.device(dev):
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):  # warm-up outside the graph (kernel loading, workspaces)
+                for _ in range(2):
+                    run()
+            torch.cuda.current_stream(dev).wait_stream(side)
+            static.copy_(saved)  # undo the warm-up's steps
+            with torch.cuda.graph(graph, stream=side):
+                logits = run()
+
+        def step(idx_t):
+            tok.copy_(idx_t)
+            graph.replay()
+            return logits.clone(), static
+        return step
+
+    @torch.no_grad()
+    def decode(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None, want_s=False):
+        """THE decoding loop (generate, sample.py and bench.py all run it). Continues idx (B, T) and yields
+        one Decoded(token (B,), s, state) per new token.
+
+        Policies: temperature 0 is greedy, > 0 samples; top_k None or 0 keeps every token; n_vocab crops
+        the logits to the real vocabulary (a padded vocabulary's extra ids are never emitted). The prompt
+        goes through prefill (one parallel pass). Then each token goes through step, replayed as one CUDA
+        graph when graphable() (under the caller's autocast dtype). The attention twin, past its
+        block_size, recomputes a sliding window of its last block_size tokens for every new token.
+        want_s: s is each layer's score s_t (B,) of the yielded token (MIPT), which costs one more step
+        at the end; otherwise s is None."""
+        if self.config.n_classes:
+            raise ValueError("decoding needs a language model; this model is a classifier (n_classes > 0)")
+        if temperature < 0 or not math.isfinite(temperature):
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if top_k is not None and top_k < 0:
+            raise ValueError(f"top_k must be >= 1, or 0/None for every token, got {top_k}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        n_vocab = n_vocab or self.config.vocab_size
+        T = self.config.block_size
+        window = self.config.mixer == 'attention'
+        context = idx[:, -T:] if window else idx
+        logits, state = self.prefill(context)
+        graphed = None
+        if self.graphable():
+            amp = torch.get_autocast_dtype('cuda') if torch.is_autocast_enabled('cuda') else None
+            graphed = self.graphed_step(state, amp)
+        for i in range(max_new_tokens):
+            logits = logits[:, :n_vocab].float()
+            if temperature == 0:
+                tok = logits.argmax(-1)                                               # (B,)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    v, _ = torch.topk(logits, min(top_k, logits.shape[-1]))
+                    logits[logits < v[:, [-1]]] = -math.inf
+                tok = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)[:, 0]  # (B,)
+            if i < max_new_tokens - 1 or want_s:
+                if window:
+                    context = torch.cat([context, tok[:, None]], 1)[:, -T:]
+                if window and state.pos >= T:
+                    logits = self(context)[0][:, -1]
+                else:
+                    logits, state = graphed(tok) if graphed else self.step(tok, state)
+            s = [st.s for st in state.layers] if want_s and self.config.mixer == 'mipt' else None
+            yield Decoded(tok, s, state)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None):
+        """Continue idx (B, T) by max_new_tokens tokens: decode(), collected. Returns (B, T + max_new_tokens)."""
+        new = [d.token[:, None] for d in self.decode(idx, max_new_tokens, temperature, top_k, n_vocab)]
+        return torch.cat([idx] + new, dim=1)
+
+
+Decoded = namedtuple('Decoded', 'token s state')
+
+
+# -----------------------------------------------------------------------------
+# Appendix: the fused CUDA scan (kernels.cu). It computes p, a and b in registers from the raw
+# projections, scans in fp32 with a single-pass chunked look-back, writes only y and the chunk-boundary
+# states, and runs the reverse scan with conjugated gates for the gradients. Compiled on first use;
+# without a GPU or a compiler, mipt_recurrence falls back to the PyTorch scan.
+
+
 FWD_TILE = (8, 8)
 BWD_TILE = (8, 8)
 # Persistent grid size; 0 = as many blocks as are resident at once (occupancy x SMs).
@@ -318,473 +1004,3 @@ def _bwd_tile(fwd_tile):
     return BWD_TILE
 
 
-# -----------------------------------------------------------------------------
-# The causal sparse cache
-
-
-@torch.no_grad()
-def select_cache(s, K, tau, L):
-    """Exact causal cache membership for every position, without a loop over time.
-
-    s: (B, T) scores. The cache at position i holds the K highest-scoring eligible (s_j > tau) tokens
-    j <= i; ties rank the earlier token higher. Positions are cut into C chunks of L queries. A chunk's
-    candidates are the cache carried in from all earlier chunks plus its own L positions, since the top-K
-    of a union is the top-K of the parts' top-Ks. Memory is O(T (K + L)).
-
-    Returns cand (B, C, K + L) candidate positions (-1 = none) and member (B, C, L, K + L), True where
-    candidate j is in the cache of the chunk's query l.
-    """
-    B, T = s.shape
-    C = -(-T // L)
-    dev = s.device
-    # one unique integer key per token, higher is better: rank by score, the earlier token first on ties
-    order = torch.sort(s, dim=1, descending=True, stable=True).indices                 # (B, T)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(T, device=dev).expand(B, T))
-    key = torch.where(s > tau, T - rank, -1)                                           # (B, T); -1: ineligible
-    key = F.pad(key, (0, C * L - T), value=-1).view(B, C, L)
-    # the cache carried into each chunk: a prefix scan of top-K over chunks (Hillis-Steele, log2 C rounds)
-    top = F.pad(key, (0, max(0, K - L)), value=-1).topk(K, dim=2).values              # (B, C, K)
-    shift = 1
-    while shift < C:
-        merged = torch.cat([top[:, shift:], top[:, :-shift]], dim=2).topk(K, dim=2).values
-        top = torch.cat([top[:, :shift], merged], dim=1)
-        shift *= 2
-    carry = torch.cat([top.new_full((B, 1, K), -1), top[:, :-1]], dim=1)              # (B, C, K)
-    carry_pos = torch.where(carry >= 0, order.gather(1, (T - carry).clamp(max=T - 1).view(B, -1)).view(B, C, K), -1)
-    qpos = torch.arange(C * L, device=dev).view(1, C, L)
-    cand = torch.cat([carry_pos, qpos.expand(B, C, L)], dim=2)                        # (B, C, K+L)
-    cand_key = torch.cat([carry, key], dim=2)                                         # (B, C, K+L)
-    visible = (cand_key >= 0)[:, :, None, :] & (cand[:, :, None, :] <= qpos[..., None])  # (B, C, L, K+L)
-    if K >= T:  # unbounded: nothing is ever evicted
-        return cand, visible
-    # candidate j is a member for query l when fewer than K visible candidates outrank it
-    beats = (cand_key[:, :, :, None] > cand_key[:, :, None, :]).float()               # (B, C, K+L, K+L)
-    with torch.autocast(device_type=dev.type, enabled=False):                          # exact counts
-        n_above = visible.float() @ beats                                              # (B, C, L, K+L)
-    return cand, visible & (n_above < K)
-
-
-class SparseCache(nn.Module):
-    """Reads the cache with multi-head attention and fuses it into y: out = y + g * attend(q, cache).
-
-    Keys and values are projected from y_j; log s_j is added to the logits, so p learns what is worth
-    storing (selection itself has no gradient). A learned null slot makes an empty cache well defined."""
-
-    def __init__(self, config):
-        super().__init__()
-        D, H = config.n_embd, config.n_head
-        self.n_head, self.K, self.tau, self.L = H, config.K, config.cache_tau, config.cache_chunk
-        self.qkv = nn.Linear(D, 3 * D, bias=config.bias)
-        self.gate = nn.Linear(D, D, bias=config.bias)
-        self.proj = nn.Linear(D, D, bias=config.bias)
-        self.null_k = nn.Parameter(torch.randn(H, D // H) * 0.02)
-        self.null_v = nn.Parameter(torch.zeros(H, D // H))
-
-    def forward(self, y, s, want_state=False):
-        # y (B, T, D) the scan output, s (B, T) scores
-        B, T, D = y.shape
-        H, hd, L = self.n_head, D // self.n_head, self.L
-        K = T if self.K is None else self.K            # unbounded: K = T never evicts (quadratic)
-        cand, member = select_cache(s.detach(), K, self.tau, L)  # (B, C, K+L), (B, C, L, K+L)
-        C = cand.shape[1]
-        q, k, v = F.pad(self.qkv(y), (0, 0, 0, C * L - T)).split(D, dim=2)  # (B, C*L, D) each
-        q = q.view(B * C, L, H, hd).transpose(1, 2)    # (B*C, H, L, hd)
-        rows = torch.arange(B, device=y.device)[:, None, None]
-        idx = cand.clamp(min=0)
-        logs = F.pad(torch.log(s.clamp(min=1e-30)), (0, C * L - T))  # (B, C*L)
-        kc = torch.cat([k[rows, idx].view(B * C, K + L, H, hd), self.null_k.expand(B * C, 1, H, hd).to(k.dtype)], 1)
-        vc = torch.cat([v[rows, idx].view(B * C, K + L, H, hd), self.null_v.expand(B * C, 1, H, hd).to(v.dtype)], 1)
-        bias = torch.where(member, logs[rows, idx][:, :, None, :], -math.inf)   # (B, C, L, K+L)
-        bias = F.pad(bias, (0, 1), value=0.0).view(B * C, 1, L, K + L + 1)      # the null slot
-        att = F.scaled_dot_product_attention(q, kc.transpose(1, 2), vc.transpose(1, 2), attn_mask=bias.to(q.dtype))
-        att = att.transpose(1, 2).reshape(B, C * L, D)[:, :T]  # (B, T, D)
-        out = y + torch.sigmoid(self.gate(y)) * self.proj(att)
-        if not want_state:
-            return out, None
-        # the decoding state after the last position: the cache of its row
-        c, l = divmod(T - 1, L)
-        pos = torch.where(member[:, c, l], cand[:, c], -1).sort(dim=1, descending=True).values[:, :K]  # (B, K)
-        keep, r = pos >= 0, torch.arange(B, device=y.device)[:, None]
-        st = {'k': k[r, pos.clamp(min=0)].view(B, K, H, hd).transpose(1, 2),  # (B, H, K, hd)
-              'v': v[r, pos.clamp(min=0)].view(B, K, H, hd).transpose(1, 2),
-              'score': torch.where(keep, s.detach()[r, pos.clamp(min=0)], -math.inf),  # (B, K)
-              'pos': pos}
-        return out, st
-
-    def empty_state(self, B, device, dtype):
-        K, H, hd = self.K or 0, self.n_head, self.qkv.in_features // self.n_head
-        return {'k': torch.zeros(B, H, K, hd, device=device, dtype=dtype),
-                'v': torch.zeros(B, H, K, hd, device=device, dtype=dtype),
-                'score': torch.full((B, K), -math.inf, device=device, dtype=dtype),
-                'pos': torch.full((B, K), -1, dtype=torch.long, device=device)}
-
-    def step(self, y, s, t, st):
-        """One position. y (B, D), s (B,), t the position; st holds k, v (B, H, K, hd), score, pos (B, K)."""
-        B, D = y.shape
-        H, hd = self.n_head, D // self.n_head
-        q, k, v = self.qkv(y).view(B, 3, H, hd).unbind(1)   # (B, H, hd) each
-        eligible = s > self.tau
-        if self.K is None and bool(eligible.any()):        # unbounded: open a slot, never evict
-            st['k'] = torch.cat([st['k'], k.new_zeros(B, H, 1, hd)], 2)
-            st['v'] = torch.cat([st['v'], v.new_zeros(B, H, 1, hd)], 2)
-            st['score'] = F.pad(st['score'], (0, 1), value=-math.inf)
-            st['pos'] = F.pad(st['pos'], (0, 1), value=-1)
-        if st['pos'].shape[1] > 0:
-            # the weakest slot: lowest score, the latest among equal scores; empty slots score -inf
-            score, pos = st['score'], st['pos']
-            weakest = torch.where(score == score.min(1, keepdim=True).values, pos, -2).argmax(1)  # (B,)
-            take = eligible & (s.to(score.dtype) > score.gather(1, weakest[:, None])[:, 0])       # (B,)
-            put = (torch.arange(pos.shape[1], device=pos.device) == weakest[:, None]) & take[:, None]  # (B, K)
-            st['k'] = torch.where(put[:, None, :, None], k[:, :, None], st['k'])
-            st['v'] = torch.where(put[:, None, :, None], v[:, :, None], st['v'])
-            st['score'] = torch.where(put, s[:, None].to(score.dtype), score)
-            st['pos'] = torch.where(put, t, pos)
-        # attend over the filled slots plus the null slot
-        valid = st['pos'] >= 0                                                      # (B, K)
-        logits = torch.einsum('bhd,bhkd->bhk', q, st['k']) / math.sqrt(hd)
-        logits = logits + torch.where(valid, torch.log(st['score'].clamp(min=1e-30)), -math.inf)[:, None]
-        null = (q * self.null_k.to(q.dtype)).sum(-1, keepdim=True) / math.sqrt(hd)  # (B, H, 1)
-        w = torch.softmax(torch.cat([logits, null], -1), -1)                       # (B, H, K+1)
-        att = torch.einsum('bhk,bhkd->bhd', w[..., :-1], st['v']) + w[..., -1:] * self.null_v.to(v.dtype)
-        return y + torch.sigmoid(self.gate(y)) * self.proj(att.reshape(B, D))
-
-
-# -----------------------------------------------------------------------------
-# Blocks
-
-
-class MIPTLayer(nn.Module):
-    """x -> (logit, theta, u) -> the recurrence -> y = Re h -> the sparse cache (when K != 0)."""
-
-    def __init__(self, config):
-        super().__init__()
-        D = config.n_embd
-        self.n_embd, self.scan_impl = D, config.scan_impl
-        self.proj = nn.Linear(D, 4 * D, bias=True)  # rows: [W_p | W_theta | W_r | W_i]
-        self.cache = SparseCache(config) if config.cache_size != 0 else None
-        self.last_s = None  # (B, T) scores of the last forward pass, for probing
-
-    def recur(self, x, h0=None):
-        """x (B, T, D), normalised -> y = Re h (B, T, D), the last state h_T (B, D), the scores s (B, T)."""
-        logit, theta, u_re, u_im = self.proj(x).chunk(4, dim=-1)              # (B, T, D) each
-        y, h_last = mipt_recurrence(logit, theta, u_re, u_im, h0, impl=self.scan_impl)
-        return y, h_last, torch.sigmoid(logit.to(y.dtype)).mean(-1)
-
-    def forward(self, x, want_state=False):
-        y, h_last, s = self.recur(x)
-        self.last_s = s.detach()
-        out, st = (y, {}) if self.cache is None else self.cache(y, s, want_state)
-        if want_state:
-            st = {'h': h_last, **st, 's': s[:, -1].detach(), 't': x.shape[1]}
-        return out, s, st
-
-    def init_state(self, B, device, dtype):
-        st = {} if self.cache is None else self.cache.empty_state(B, device, dtype)
-        return {'h': torch.zeros(B, self.n_embd, device=device, dtype=_complex(dtype)), **st,
-                's': torch.zeros(B, device=device, dtype=dtype), 't': 0}
-
-    def step(self, x, st):
-        # x (B, D): one token, through the same recurrence as forward, from the carried state
-        y, h, s = self.recur(x[:, None], st['h'])
-        y, s = y[:, 0], s[:, 0]                                                # (B, D), (B,)
-        out = y if self.cache is None else self.cache.step(y, s, st['t'], st)
-        st.update(h=h, s=s, t=st['t'] + 1)
-        return out, st
-
-
-class SelfAttention(nn.Module):
-    """Causal multi-head self-attention: the Transformer twin's mixer."""
-
-    def __init__(self, config):
-        super().__init__()
-        D = config.n_embd
-        self.n_head, self.impl, self.dropout = config.n_head, config.attn_impl, config.dropout
-        self.c_attn = nn.Linear(D, 3 * D, bias=config.bias)
-        self.c_proj = nn.Linear(D, D, bias=config.bias)
-
-    def _heads(self, x):
-        B, T, D = x.shape
-        return [t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(D, dim=2)]
-
-    def forward(self, x, want_state=False):
-        B, T, D = x.shape
-        q, k, v = self._heads(x)  # (B, H, T, hd) each
-        drop = self.dropout if self.training else 0.0
-        if self.impl == 'sdpa':
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
-        else:  # naive: the T x T matrix in memory, as in the paper's memory figure
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-            att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), -math.inf)
-            y = F.dropout(torch.softmax(att, dim=-1), drop, self.training) @ v
-        out = self.c_proj(y.transpose(1, 2).reshape(B, T, D))
-        return out, None, ({'k': k, 'v': v, 't': T} if want_state else None)
-
-    def init_state(self, B, device, dtype):
-        hd = self.c_proj.in_features // self.n_head
-        empty = torch.zeros(B, self.n_head, 0, hd, device=device, dtype=dtype)
-        return {'k': empty, 'v': empty.clone(), 't': 0}
-
-    def step(self, x, st):
-        q, k, v = self._heads(x[:, None])  # (B, H, 1, hd)
-        st['k'], st['v'] = torch.cat([st['k'], k], 2), torch.cat([st['v'], v], 2)
-        # one query: plain softmax attention over every cached (past) key, (B, H, 1, t)
-        scores = (q @ st['k'].transpose(-2, -1)) / math.sqrt(q.shape[-1])
-        y = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype) @ st['v']
-        st['t'] += 1
-        return self.c_proj(y.reshape(x.shape)), st
-
-
-class MLP(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
-
-
-class Block(nn.Module):
-    """LayerNorm -> mixer (MIPT + cache, or attention) -> residual -> LayerNorm -> FFN -> residual."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mix = MIPTLayer(config) if config.mixer == 'mipt' else SelfAttention(config)
-        self.drop = nn.Dropout(config.dropout)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
-
-    def forward(self, x, want_state=False):
-        m, s, st = self.mix(self.ln_1(x), want_state)
-        x = x + self.drop(m)
-        return x + self.mlp(self.ln_2(x)), s, st
-
-    def step(self, x, st):
-        m, st = self.mix.step(self.ln_1(x), st)
-        x = x + m
-        return x + self.mlp(self.ln_2(x)), st
-
-
-def _complex(dtype):
-    return torch.complex128 if dtype == torch.float64 else torch.complex64
-
-
-# -----------------------------------------------------------------------------
-# The model
-
-
-class MIPT(nn.Module):
-    """A language model (n_classes = 0, head tied to the embedding) or a classifier read causally at
-    each sequence's last real token. mixer='attention' turns it into the Transformer twin: the same
-    embedding, LayerNorms, FFN, head and initialisation, plus learned positions."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        D = config.n_embd
-        self.wte = nn.Embedding(config.vocab_size, D)
-        self.wpe = nn.Embedding(config.block_size, D) if config.mixer == 'attention' else None
-        self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
-        self.ln_f = nn.LayerNorm(D, bias=config.bias)
-        if config.n_classes:
-            self.head = nn.Linear(D, config.n_classes)
-        else:
-            self.head = nn.Linear(D, config.vocab_size, bias=False)
-            self.head.weight = self.wte.weight  # tied
-        self.apply(self._init_weights)
-        for name, w in self.named_parameters():  # residual projections, scaled as in GPT-2
-            if name.endswith(('c_proj.weight', 'cache.proj.weight')):
-                nn.init.normal_(w, 0.0, 0.02 / math.sqrt(2 * config.n_layer))
-        for block in self.blocks:
-            if isinstance(block.mix, MIPTLayer):
-                with torch.no_grad():
-                    block.mix.proj.bias[:D] = math.log(config.p_init / (1 - config.p_init))  # wave phase
-                    block.mix.proj.weight[D:2 * D] *= 0.1                                     # small theta
-
-    def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, 0.0, 0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, 0.0, 0.02)
-
-    def get_num_params(self, non_embedding=True):
-        """Parameters; non_embedding leaves out the token (and position) embeddings, as the paper counts."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
-        return n
-
-    def _embed(self, idx, t0=0):
-        x = self.wte(idx)
-        if self.wpe is not None:
-            T = idx.shape[-1] if idx.dim() == 2 else 1
-            if t0 + T > self.config.block_size:
-                raise ValueError(f"the attention twin has learned positions up to block_size="
-                                 f"{self.config.block_size}, got position {t0 + T - 1}; crop the context")
-            x = x + self.wpe(torch.arange(t0, t0 + T, device=idx.device)).squeeze(0)
-        return self.drop(x)
-
-    def _body(self, idx, want_state=False):
-        if idx.dim() != 2:
-            raise ValueError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
-        x = self._embed(idx)
-        scores, states = [], []
-        for block in self.blocks:
-            x, s, st = block(x, want_state)
-            scores.append(s)
-            states.append(st)
-        return self.ln_f(x), scores, states
-
-    def forward(self, idx, targets=None, lengths=None, labels=None):
-        """idx (B, T). LM: targets (B, T), -1 ignored, gives logits (B, T, V).
-        Classifier: targets (or labels) (B,) and lengths (B,) real tokens per right-padded row, gives
-        logits (B, n_classes) read at position lengths - 1, exactly as each row would classify alone."""
-        targets = labels if labels is not None else targets
-        x, scores, _ = self._body(idx)                    # (B, T, D)
-        if self.config.n_classes:
-            if lengths is not None and not ((lengths >= 1) & (lengths <= idx.shape[1])).all():
-                raise ValueError(f"lengths must lie in [1, T={idx.shape[1]}], got {lengths.tolist()}")
-            last = (lengths - 1) if lengths is not None else torch.full_like(idx[:, 0], idx.shape[1] - 1)
-            logits = self.head(x[torch.arange(x.shape[0], device=x.device), last])  # (B, n_classes)
-            loss = None if targets is None else F.cross_entropy(logits.float(), targets)
-        else:
-            logits = self.head(x)                         # (B, T, V)
-            loss = None if targets is None else F.cross_entropy(
-                logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
-        if loss is not None and self.training and self.config.p_penalty and scores[0] is not None:
-            loss = loss + self.config.p_penalty * torch.stack([s.mean() for s in scores]).mean()  # training only
-        return logits, loss
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW; tensors of 2 or more dimensions (weights, embeddings, null slots) decay, the rest do not."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
-                  {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=(device_type == 'cuda'))
-
-    @torch.no_grad()
-    def probe(self, idx, lengths=None):
-        """Measurement statistics per layer: the mean score s, and the mean number of cached tokens at
-        each row's last real position. For a finite K the cache there holds min(K, #eligible so far)."""
-        was = self.training
-        self.eval()
-        _, scores, _ = self._body(idx)
-        self.train(was)
-        if scores[0] is None:
-            return {'p_mean': [], 'cache_fill': [], 's': []}
-        B, T = idx.shape
-        n = lengths if lengths is not None else torch.full((B,), T, device=idx.device)
-        real = torch.arange(T, device=idx.device)[None] < n[:, None]     # (B, T)
-        p_mean, fill = [], []
-        for s in scores:
-            p_mean.append((s * real).sum().item() / real.sum().item())
-            n_elig = ((s > self.config.cache_tau) & real).sum(1).float()   # (B,)
-            K = self.config.K
-            fill.append((n_elig if K is None else n_elig.clamp(max=K)).mean().item())
-        return {'p_mean': p_mean, 'cache_fill': fill, 's': scores}
-
-    # -------------------------------------------------------------------------
-    # Decoding: O(1) state per layer for MIPT with finite K
-
-    def init_state(self, batch_size):
-        w = self.wte.weight
-        return [block.mix.init_state(batch_size, w.device, w.dtype) for block in self.blocks]
-
-    def step(self, idx_t, state):
-        """Consume one token per row, idx_t (B,). Returns logits (B, V) or (B, n_classes), and the state."""
-        x = self._embed(idx_t, t0=state[0]['t'])          # (B, D)
-        new = []
-        for block, st in zip(self.blocks, state):
-            x, st = block.step(x, st)
-            new.append(st)
-        return self.head(self.ln_f(x)), new
-
-    @torch.no_grad()
-    def prefill(self, idx):
-        """A parallel pass over a prompt (B, T). Returns the last position's logits and the decoding state,
-        equal to stepping through the prompt token by token."""
-        x, _, states = self._body(idx, want_state=True)
-        return self.head(x[:, -1]), states
-
-    def graphable(self):
-        """Whether graphed_step can decode this model: MIPT with a finite cache, on a GPU, in eval mode."""
-        return (self.config.mixer == 'mipt' and self.config.K is not None and self.wte.weight.is_cuda
-                and not self.training)
-
-    def graphed_step(self, state, dtype=None):
-        """step as one CUDA graph replay, for decoding on a GPU (eager batch-1 decoding is bound by kernel
-        launches). Returns a function idx_t (B,) -> (logits, state) that continues from `state`; the state it
-        returns is held in static tensors, updated in place by every call (keep stepping it through the
-        returned function, not through step). CUDA MIPT models with a finite cache only; dtype: the autocast
-        dtype to decode in (None: the weights' dtype)."""
-        if self.config.mixer != 'mipt' or self.config.K is None:
-            raise ValueError("graphed_step needs a MIPT model with a finite cache (a growing one cannot be graphed)")
-        if not self.wte.weight.is_cuda:
-            raise ValueError("graphed_step needs the model on a CUDA device")
-        if self.training:
-            raise ValueError("graphed_step needs an eval-mode model (no dropout)")
-        dev = self.wte.weight.device
-        # static copies; the position t becomes a device tensor so that it is not baked into the graph
-        static = [{k: torch.as_tensor(v, device=dev).clone() for k, v in st.items()} for st in state]
-        tok = torch.zeros(len(static[0]['h']), dtype=torch.long, device=dev)
-        ctx = torch.autocast('cuda', dtype=dtype, cache_enabled=False) if dtype else contextlib.nullcontext()
-
-        def run():
-            with torch.no_grad(), ctx:
-                logits, new = self.step(tok, [dict(st) for st in static])
-                for st, nw in zip(static, new):
-                    for k, v in nw.items():
-                        st[k].copy_(v)
-            return logits
-
-        saved = [{k: v.clone() for k, v in st.items()} for st in static]
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.device(dev):
-            side = torch.cuda.Stream(dev)
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):  # warm-up outside the graph (kernel loading, workspaces)
-                for _ in range(2):
-                    run()
-            torch.cuda.current_stream(dev).wait_stream(side)
-            for st, sv in zip(static, saved):  # undo the warm-up's steps
-                for k in st:
-                    st[k].copy_(sv[k])
-            with torch.cuda.graph(graph, stream=side):
-                logits = run()
-
-        def step(idx_t):
-            tok.copy_(idx_t)
-            graph.replay()
-            return logits.clone(), static
-        return step
-
-    @staticmethod
-    def state_bytes(state):
-        return sum(v.numel() * v.element_size() for st in state for v in st.values() if torch.is_tensor(v))
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Continue idx (B, T) by max_new_tokens sampled tokens, with the state of prefill and step."""
-        if self.config.n_classes:
-            raise ValueError("generate needs a language model; this model is a classifier (n_classes > 0)")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        logits, state = self.prefill(idx)
-        graphed = None
-        if self.graphable():
-            amp = torch.get_autocast_dtype('cuda') if torch.is_autocast_enabled('cuda') else None
-            graphed = self.graphed_step(state, amp)
-        for _ in range(max_new_tokens):
-            logits = logits.float() / temperature
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.shape[-1]))
-                logits[logits < v[:, [-1]]] = -math.inf
-            nxt = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
-            idx = torch.cat([idx, nxt], dim=1)
-            logits, state = graphed(nxt[:, 0]) if graphed else self.step(nxt[:, 0], state)
-        return idx

@@ -316,12 +316,12 @@ def test_graphed_step_equals_eager_step():
             le, eager = model.step(tok, eager)
             lg, graphed = step(tok)
             assert rel(lg, le) < 1e-5
-            seen.add(tuple(graphed[0]['pos'][0].tolist()))
+            seen.add(tuple(graphed.layers[0].cache.pos[0].tolist()))
             tok = le.argmax(-1)
     assert len(seen) > 1  # slots were evicted and refilled
-    for a, b in zip(eager, graphed):
-        assert int(b['t']) == a['t'] == 60
-        assert torch.equal(a['pos'], b['pos']) and rel(b['h'], a['h']) < 1e-5 and rel(b['k'], a['k']) < 1e-5
+    assert int(graphed.pos) == eager.pos == 60
+    for a, b in zip(eager.layers, graphed.layers):
+        assert torch.equal(a.cache.pos, b.cache.pos) and rel(b.h, a.h) < 1e-5 and rel(b.cache.k, a.cache.k) < 1e-5
     out = model.generate(prompt, 10, top_k=1)  # generate decodes through the graph on CUDA
     ref = prompt
     for _ in range(10):

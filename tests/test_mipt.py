@@ -160,12 +160,13 @@ def test_step_equals_forward_mipt(K, tau):
     assert rel_err(stepped, logits) <= 1e-5
     # the cache really evicted: more eligible tokens than slots
     if K > 0:
-        n_elig = (model.blocks[0].mix.last_s > tau).sum(1)
+        scores = model.probe(idx)['s']
+        n_elig = (scores[0] > tau).sum(1)
         assert (n_elig > K).all()
         # and the stepped cache at the end is the brute-force top-K of the last position
-        for block, st in zip(model.blocks, state):
-            ref = brute_force_cache(block.mix.last_s, K, tau)
-            assert [set(p[p >= 0].tolist()) for p in st['pos']] == [rows[-1] for rows in ref]
+        for s, st in zip(scores, state.layers):
+            ref = brute_force_cache(s, K, tau)
+            assert [set(p[p >= 0].tolist()) for p in st.cache.pos] == [rows[-1] for rows in ref]
     # prefill's parallel state continues exactly like the stepped state
     _, pre = model.prefill(idx)
     nxt = torch.randint(0, 40, (3,))
@@ -346,7 +347,7 @@ def test_bf16_autocast_keeps_a_float32_state():
     with torch.autocast('cpu', dtype=torch.bfloat16):
         logits, loss = model(idx, idx)
         _, state = model.prefill(idx)
-    assert torch.isfinite(loss) and state[0]['h'].dtype == torch.complex64
+    assert torch.isfinite(loss) and state.layers[0].h.dtype == torch.complex64
     ref, _ = model(idx)
     assert rel_err(logits.float(), ref) < 0.05
 
@@ -431,3 +432,202 @@ def test_graphed_step_needs_cuda_and_a_finite_cache():
         MIPT(small(cache_size=-1)).eval().graphed_step(state)
     with pytest.raises(ValueError, match='finite cache'):
         MIPT(small(mixer='attention', cache_size=0)).eval().graphed_step(state)
+
+
+# ----------------------------------------------------------------------------- THE RULE, exploration
+def test_rank_is_the_rule():
+    gen = torch.Generator().manual_seed(5)
+    score = (torch.rand(4, 12, generator=gen) * 3).floor() / 3   # many ties
+    pos = torch.stack([torch.randperm(12, generator=gen) for _ in range(4)])
+    order = mipt.rank(score, pos)
+    for b in range(4):
+        want = sorted(range(12), key=lambda i: (-float(score[b, i]), int(pos[b, i])))
+        assert order[b].tolist() == want
+
+
+def explored_sets(s, K, R, L, seed):
+    torch.manual_seed(seed)
+    cand, member = select_cache(s, K, 0.0, L)
+    cand, member = mipt.add_exploration(s, R, L, cand, member)
+    B, T = s.shape
+    out = []
+    for b in range(B):
+        rows = []
+        for i in range(T):
+            c, l = divmod(i, L)
+            picked = cand[b, c][member[b, c, l]].tolist()
+            assert len(picked) == len(set(picked)), 'a candidate attended twice'
+            rows.append(set(picked))
+        out.append(rows)
+    return out
+
+
+@pytest.mark.parametrize('K,R,L,T', [(1, 3, 4, 37), (2, 5, 8, 41), (3, None, 5, 23)])
+def test_exploration_is_causal_and_keeps_the_exact_cache(K, R, L, T):
+    gen = torch.Generator().manual_seed(T)
+    s = torch.rand(2, T, generator=gen)
+    exact = brute_force_cache(s, K, 0.0)
+    sets = explored_sets(s, K, R, L, seed=1)
+    for b in range(2):
+        for i in range(T):
+            assert exact[b][i] <= sets[b][i]                 # the exact cache is always attended
+            assert all(0 <= j <= i for j in sets[b][i])       # never a later position
+            extra = len(sets[b][i] - exact[b][i])
+            assert extra <= (i + 1 if R is None else R)
+            if R is None:
+                assert sets[b][i] == set(range(i + 1))        # dense: every position so far
+    assert sets != explored_sets(s, K, R, L, seed=2) or R is None  # random draws differ
+
+
+@pytest.mark.parametrize('explore', [0, 8])
+def test_exploration_sends_gradient_to_uncached_tokens(explore):
+    """The loss reaches the measurement logit of a token outside every query's top-K only through the
+    exploration candidates: with them the gradient is nonzero, without them it is exactly zero."""
+    torch.manual_seed(0)
+    B, T, D = 2, 24, 16
+    cache = mipt.SparseCache(small(n_embd=D, n_head=2, cache_size=1, cache_chunk=8, cache_explore=explore)).double().train()
+    y = torch.randn(B, T, D, dtype=torch.float64)
+    logit = torch.randn(B, T, D, dtype=torch.float64, requires_grad=True)
+    logit.data[:, 0] += 4.0  # token 0 wins the K=1 cache of every position
+    s = torch.sigmoid(logit).mean(-1)
+    out, _ = cache(y, s)
+    out.pow(2).sum().backward()
+    outside = logit.grad[:, 1:].abs().sum().item()   # tokens 1.. are never cached
+    assert logit.grad[:, 0].abs().sum() > 0
+    assert (outside > 0) if explore else (outside == 0)
+
+
+def test_exploration_only_in_training():
+    torch.manual_seed(0)
+    model = lively(MIPT(small(cache_size=2, cache_explore=16))).double()
+    ref = lively(MIPT(small(cache_size=2, cache_explore=0))).double()
+    ref.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 40, (2, 40))
+    assert torch.equal(model.eval()(idx)[0], ref.eval()(idx)[0])
+    torch.manual_seed(3)
+    a = model.train()(idx)[0]
+    assert not torch.allclose(a, ref.train()(idx)[0])
+    stepped, _ = step_all(model.eval(), idx)                 # eval: step == forward, exploration off
+    assert rel_err(stepped, model(idx)[0]) <= 1e-10
+
+
+def test_causality_in_training_mode():
+    torch.manual_seed(0)
+    model = lively(MIPT(small(cache_size=3, cache_explore=5))).double().train()
+    idx = torch.randint(0, 40, (2, 45))
+    other = idx.clone()
+    other[:, 21:] = torch.randint(0, 40, (2, 24))
+    torch.manual_seed(7)
+    a, _ = model(idx)
+    torch.manual_seed(7)
+    b, _ = model(other)
+    assert torch.equal(a[:, :21], b[:, :21]) and not torch.allclose(a[:, 21:], b[:, 21:])
+
+
+# ----------------------------------------------------------------------------- read-outs
+@pytest.mark.parametrize('readout', ['last', 'mean'])
+@pytest.mark.parametrize('kw', [dict(cache_size=3), dict(cache_size=0), dict(mixer='attention', cache_size=0)])
+def test_readouts_padded_equals_unpadded_and_step(readout, kw):
+    torch.manual_seed(0)
+    model = lively(MIPT(small(n_classes=3, readout=readout, **kw))).double().eval()
+    lens = [7, 30, 19]
+    docs = [torch.randint(1, 40, (n,)) for n in lens]
+    batch = torch.zeros(3, 30, dtype=torch.long)
+    for i, d in enumerate(docs):
+        batch[i, :len(d)] = d
+    padded, _ = model(batch, lengths=torch.tensor(lens))
+    alone = torch.cat([model(d[None])[0] for d in docs])
+    assert rel_err(padded, alone) <= 1e-12
+    for d, ref in zip(docs, alone):
+        stepped, state = step_all(model, d[None])
+        assert rel_err(stepped[:, -1], ref[None]) <= 1e-10           # step == forward
+        assert rel_err(model.prefill(d[None])[0], ref[None]) <= 1e-10  # prefill == forward
+    if readout == 'mean':
+        assert state.pooled is not None and state.pooled.shape == (1, 32)
+
+
+def test_mean_readout_differs_from_last():
+    torch.manual_seed(0)
+    a = lively(MIPT(small(n_classes=3, readout='mean'))).double().eval()
+    b = lively(MIPT(small(n_classes=3, readout='last'))).double().eval()
+    b.load_state_dict(a.state_dict())
+    idx = torch.randint(0, 40, (2, 20))
+    assert not torch.allclose(a(idx)[0], b(idx)[0])
+
+
+# ----------------------------------------------------------------------------- the decoding driver
+def test_decode_policies():
+    torch.manual_seed(0)
+    model = lively(MIPT(small(cache_size=3))).double().eval()
+    prompt = torch.randint(0, 40, (2, 6))
+    greedy = model.generate(prompt, 8, temperature=0)
+    assert torch.equal(greedy, model.generate(prompt, 8, top_k=1))   # top_k=1 samples the argmax
+    torch.manual_seed(1)
+    a = model.generate(prompt, 8, top_k=0)                           # 0 = every token, like None
+    torch.manual_seed(1)
+    assert torch.equal(a, model.generate(prompt, 8, top_k=None))
+    for _ in range(3):                                               # a padded vocabulary is cropped
+        assert model.generate(prompt, 20, temperature=2.0, n_vocab=5)[:, 6:].max() < 5
+    steps = list(model.decode(prompt, 4, temperature=0, want_s=True))
+    assert [d.token.shape for d in steps] == [(2,)] * 4 and len(steps[-1].s) == 2
+    assert steps[-1].state.pos == 6 + 4                               # want_s consumes the last token too
+    assert torch.equal(torch.stack([d.token for d in steps], 1), greedy[:, 6:10])
+    assert list(model.decode(prompt, 0)) == []
+
+
+def test_decode_attention_slides_its_window():
+    torch.manual_seed(0)
+    model = MIPT(small(mixer='attention', cache_size=0, block_size=8)).double().eval()
+    prompt = torch.randint(0, 40, (1, 12))                           # longer than block_size: cropped
+    out = model.generate(prompt, 10, temperature=0)
+    ref = prompt
+    for _ in range(10):
+        ref = torch.cat([ref, model(ref[:, -8:])[0][:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize('kw', [dict(cache_size=3), dict(mixer='attention', cache_size=0), dict(n_classes=2, readout='mean')])
+def test_state_bytes_sees_every_tensor(kw):
+    model = MIPT(small(**kw)).eval()
+    _, state = model.prefill(torch.randint(0, 40, (2, 9)))
+    walked = []
+
+    def walk(x):  # a generic walker over the state object's attributes
+        if torch.is_tensor(x):
+            walked.append(x.numel() * x.element_size())
+        elif isinstance(x, list):
+            [walk(v) for v in x]
+        elif hasattr(x, '__dataclass_fields__'):
+            [walk(getattr(x, f)) for f in x.__dataclass_fields__]
+    walk(state)
+    assert model.state_bytes(state) == sum(walked) > 0
+
+
+# ----------------------------------------------------------------------------- bad inputs, one message each
+def test_bad_api_inputs():
+    model = MIPT(small(cache_size=3)).eval()
+    clf = MIPT(small(n_classes=2)).eval()
+    x = torch.randint(0, 40, (2, 5))
+    cases = [
+        (lambda: model(torch.full((1, 4), 40)), ValueError, r'token ids must lie in \[0, vocab_size=40\)'),
+        (lambda: model(torch.full((1, 4), -1)), ValueError, 'token ids must lie'),
+        (lambda: model(x.float()), TypeError, 'integer tensor'),
+        (lambda: model(torch.zeros(2, 0, dtype=torch.long)), ValueError, 'B, T >= 1'),
+        (lambda: model(torch.zeros(0, 3, dtype=torch.long)), ValueError, 'B, T >= 1'),
+        (lambda: model.generate(torch.zeros(1, 0, dtype=torch.long), 3), ValueError, 'B, T >= 1'),
+        (lambda: model.generate(x, 3, temperature=-1), ValueError, 'temperature'),
+        (lambda: model.generate(x, 3, top_k=-3), ValueError, 'top_k'),
+        (lambda: model.generate(x, -5), ValueError, 'max_new_tokens'),
+        (lambda: clf(x, lengths=torch.tensor([3])), ValueError, r'shape \(B,\)'),
+        (lambda: clf(x, lengths=torch.tensor([3.0, 2.0])), ValueError, 'integer tensor'),
+        (lambda: model.step(x[:, 0], MIPT(small(n_layer=3)).init_state(2)), ValueError, '2 layers'),
+        (lambda: model.step(x[:, 0], model.init_state(3)), ValueError, r'\(B,\) = \(3,\)'),
+        (lambda: model.step(x[:, 0], [{}, {}]), ValueError, 'DecodeState'),
+        (lambda: MIPTConfig(n_layer='2'), ValueError, 'n_layer must be int'),
+        (lambda: MIPTConfig(n_embd=32.5), ValueError, 'n_embd must be int'),
+        (lambda: MIPTConfig(cache_explore=-2), ValueError, 'cache_explore'),
+        (lambda: MIPTConfig(readout='max'), ValueError, 'readout'),
+    ]
+    for fn, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            fn()
