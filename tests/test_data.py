@@ -1,7 +1,9 @@
 """
-Tests for data/: tokenizers, raw-file lookup, every prepare.py (on small fixtures, plain and .xz, run as
-subprocesses) and, where the offline mirror ($MIPT_DATA_MIRROR, default ../shared/data) has small
-files, on the real data. Also the synthetic needle task. No network is used.
+Tests for data/ and codec.py: tokenizers, raw-file lookup, every prepare.py (on small fixtures, plain and .xz,
+run as subprocesses) and, where the offline mirror ($MIPT_DATA_MIRROR, default ../shared/data) has small
+files, on the real data; the prepare pipeline's hardening (datasets written as a unit and checked by
+check_dataset, clear one-line errors for bad or too-small raw files); the synthetic needle and MQAR tasks.
+No network is used.
 """
 import csv
 import io
@@ -9,6 +11,7 @@ import json
 import lzma
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -23,7 +26,9 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, 'data'))
+import codec  # noqa: E402
 import common  # noqa: E402
+import data.mqar.prepare as mqar  # noqa: E402
 from data.needle import make_needle  # noqa: E402
 
 MIRROR = os.environ.get('MIPT_DATA_MIRROR', os.path.join(os.path.dirname(REPO), 'shared', 'data'))
@@ -72,6 +77,12 @@ def load(out):
     assert meta['dtype'] == ('uint16' if meta['vocab_size'] <= 65536 else 'uint32')
     assert len(meta['label_names']) == meta['n_classes']
     assert not list(out.glob('*.tmp')), 'temporary files left behind'
+    assert meta['format'] == ('classify' if meta['n_classes'] else 'lm')
+    kinds = ('.bin', '.idx.npy', '.labels.npy') if meta['n_classes'] else ('.bin',)
+    want = {f'{s}{x}' for s in SPLITS for x in kinds}
+    assert set(meta['files']) == want and all(
+        meta['files'][f] == {'bytes': os.path.getsize(out / f), 'sha256': common.sha256_file(out / f)} for f in want)
+    assert common.check_dataset(str(out)) == meta
     data = {}
     for s in SPLITS:
         ids = np.fromfile(out / f'{s}.bin', dtype=meta['dtype'])
@@ -127,7 +138,7 @@ def test_cl100k_offline_fallback():
 
 def test_codecs():
     text = 'Hello, wörld!\n'
-    enc, dec = common.load_codec({'tokenizer': 'char', 'chars': sorted(set(text))})
+    enc, dec = codec.load_codec({'tokenizer': 'char', 'chars': sorted(set(text))})
     assert dec(enc(text)) == text and max(enc(text)) == len(set(text)) - 1
     enc, dec = common.load_codec({'tokenizer': 'bytes'})
     assert enc(text) == list(text.encode('utf-8')) and dec(enc(text) + [256, 256]) == text
@@ -138,6 +149,40 @@ def test_codecs():
         common.get_tokenizer('char')
     with pytest.raises(ValueError):
         common.get_tokenizer('gpt2')
+
+def test_codec_module_is_light_and_reexported():
+    """sample.py imports codec.py: it must not pull in numpy, tqdm or tiktoken; data/common.py re-exports it."""
+    code = ("import sys, codec; bad = {'numpy', 'tqdm', 'tiktoken', 'common', 'data.common'} & set(sys.modules); "
+            "assert not bad, bad; print(codec.load_codec({'tokenizer': 'ids', 'vocab_size': 5})[1]([1, 4]))")
+    p = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout == '1 4\n', p.stderr
+    for name in ('EOT_TEXT', 'CharTokenizer', 'ByteTokenizer', 'IdsTokenizer', 'get_tokenizer', 'load_codec',
+                 '_tiktoken'):
+        assert getattr(common, name) is getattr(codec, name)
+
+def test_ids_codec():
+    enc, dec = codec.load_codec({'tokenizer': 'ids', 'vocab_size': 300})
+    assert enc(' 10 250\t261\n') == [10, 250, 261] and enc('') == [] and enc('0 299') == [0, 299]
+    assert dec([10, np.int64(250), torch.tensor(261)]) == '10 250 261' and dec([]) == ''
+    assert enc(dec(list(range(0, 300, 7)))) == list(range(0, 300, 7))
+    tok = codec.get_tokenizer('ids', vocab_size=300)
+    assert (tok.n_vocab, tok.eot_token, tok.pad_token) == (300, None, None)
+    for bad in (None, 0, 'x'):
+        with pytest.raises(ValueError):
+            codec.get_tokenizer('ids', vocab_size=bad)
+
+@pytest.mark.parametrize('text, message', [
+    ('10 x 12', "token ids: 'x' is not an integer: give space-separated integers in [0, 300), e.g. '10 250 261'"),
+    ('10 2.5', "token ids: '2.5' is not an integer"),
+    ('10,11', "token ids: '10,11' is not an integer"),
+    ('10 300', 'token ids: 300 is outside [0, 300) (vocab_size 300)'),
+    ('-1', 'token ids: -1 is outside [0, 300)'),
+])
+def test_ids_codec_errors(text, message):
+    enc, _ = codec.load_codec({'tokenizer': 'ids', 'vocab_size': 300})
+    with pytest.raises(ValueError) as e:
+        enc(text)
+    assert str(e.value).startswith(message) and '\n' not in str(e.value)
 
 def test_encode_stream_equals_whole_text():
     tok = common.get_tokenizer('cl100k_base')
@@ -387,7 +432,277 @@ def test_imdb_real(tmp_path):
     assert not any('<br />' in t for t in first)
 
 # -----------------------------------------------------------------------------
+# datasets are written as a unit and checked by check_dataset
+
+def test_write_dataset_is_one_unit(tmp_path, monkeypatch):
+    """Old meta.json goes first, every data file next, meta.json last, listing every file's size and sha256."""
+    out = tmp_path / 'ds'
+    out.mkdir()
+    (out / 'meta.json').write_text('{"old": true}')
+    log, real = [], common._atomic_write
+    def spy(path, write, binary=True):
+        log.append((os.path.basename(path), (out / 'meta.json').exists()))
+        real(path, write, binary)
+    monkeypatch.setattr(common, '_atomic_write', spy)
+    texts = (['ab', 'cde', 'f'], [0, 1, 1])
+    meta = common.write_dataset(str(out), 'ds', 'bytes', {s: texts for s in SPLITS}, 'fixture', label_names=['a', 'b'])
+    names = [n for n, _ in log]
+    assert names[-1] == 'meta.json' and not any(old for _, old in log)  # the old meta.json was gone before any write
+    assert sorted(names[:-1]) == sorted(meta['files']) == sorted(f'{s}{x}' for s in SPLITS
+                                                                 for x in ('.bin', '.idx.npy', '.labels.npy'))
+    assert json.loads((out / 'meta.json').read_text()) == meta and common.check_dataset(str(out)) == meta
+    # a failure while writing leaves no meta.json behind (so check_dataset refuses the half-written set)
+    def full(path, write, binary=True):
+        if path.endswith('val.bin'):
+            raise OSError('disk full')
+        real(path, write, binary)
+    monkeypatch.setattr(common, '_atomic_write', full)
+    with pytest.raises(OSError):
+        common.write_files(str(out), {f'{s}.bin': np.zeros(3, np.uint16) for s in SPLITS}, {'name': 'ds'})
+    assert not (out / 'meta.json').exists()
+    with pytest.raises(common.DatasetError, match='meta.json: missing'):
+        common.check_dataset(str(out))
+
+@pytest.fixture(scope='module')
+def needle_dir(tmp_path_factory):
+    """A small needle dataset, prepared once; tests copy it before breaking it."""
+    out = tmp_path_factory.mktemp('prepared') / 'needle'
+    run_prepare('needle', '--out_dir', out, '--n_train', 24, '--n_val', 8, '--n_test', 8, '--seq_len', 32)
+    return out
+
+def copy_of(src, dest):
+    shutil.copytree(src, dest)
+    return dest
+
+def drop_files_entry(d, keys=('files',)):
+    """Make d's meta.json look like an older prepare's (without 'files', or also without other keys)."""
+    meta = json.loads((d / 'meta.json').read_text())
+    for k in keys:
+        del meta[k]
+    (d / 'meta.json').write_text(json.dumps(meta))
+
+def overwrite(path, offset, data):
+    with open(path, 'r+b') as f:
+        f.seek(offset)
+        f.write(data)
+
+RERUN = 'rerun python data/needle/prepare.py'
+CHECK_CASES = {  # name: (how to break the needle dataset, drop meta['files'] first, expected message parts)
+    'meta missing': (lambda d: (d / 'meta.json').unlink(), False,
+                     ['meta.json: missing: prepare the dataset first: python data/needle/prepare.py --out_dir']),
+    'corrupt json': (lambda d: (d / 'meta.json').write_text('{"name": "needle", '), False,
+                     ['meta.json: corrupt JSON', RERUN]),
+    'json not an object': (lambda d: (d / 'meta.json').write_text('[1, 2]'), False,
+                           ['meta.json: expected a JSON object']),
+    'listed file missing': (lambda d: (d / 'val.labels.npy').unlink(), False,
+                            ['val.labels.npy: missing (meta.json lists it)', RERUN]),
+    'size differs': (lambda d: open(d / 'test.bin', 'ab').write(b'\0\0'), False,
+                     ['test.bin: 514 bytes, meta.json says 512: the file was rewritten after prepare', RERUN]),
+    'sha256 differs': (lambda d: overwrite(d / 'train.bin', 10, b'\x07\x00'), False,
+                       ['train.bin: sha256 differs from meta.json: the file was rewritten after prepare', RERUN]),
+    'empty bin (old meta)': (lambda d: open(d / 'val.bin', 'wb').close(), True, ['val.bin: empty', RERUN]),
+    'odd length (old meta)': (lambda d: open(d / 'train.bin', 'ab').write(b'\0'), True,
+                              ['train.bin: 1,537 bytes is not a multiple of the uint16 size (2)']),
+    'token count (old meta)': (lambda d: open(d / 'train.bin', 'ab').write(b'\0\0'), True,
+                               ['train.bin: holds 769 tokens, meta.json counts 768: the file was rewritten']),
+    'token >= vocab (old meta)': (lambda d: overwrite(d / 'test.bin', 6, np.uint16(300).tobytes()), True,
+                                  ['test.bin: token id 300 >= vocab_size 300', RERUN]),
+    'bin missing (old meta)': (lambda d: (d / 'test.bin').unlink(), True, ['test.bin: missing']),
+    'bad offsets (old meta)': (lambda d: np.save(d / 'val.idx.npy', np.arange(9) * 31), True,
+                               ['val.idx.npy: not increasing document offsets from 0 to the 256 tokens of val.bin']),
+    'label range (old meta)': (lambda d: np.save(d / 'train.labels.npy', np.full(24, 4)), True,
+                               ['train.labels.npy: label 4 outside 0..3']),
+    'labels count (old meta)': (lambda d: np.save(d / 'train.labels.npy', np.zeros(23, np.int64)), True,
+                                ['train.labels.npy: 23 labels for 24 documents']),
+    'npy corrupt (old meta)': (lambda d: (d / 'test.idx.npy').write_bytes(b'garbage'), True,
+                               ['test.idx.npy: not a readable .npy file']),
+}
+
+@pytest.mark.parametrize('case', CHECK_CASES)
+def test_check_dataset_errors(needle_dir, tmp_path, case):
+    breaks, old_meta, parts = CHECK_CASES[case]
+    d = copy_of(needle_dir, tmp_path / 'needle')
+    assert common.check_dataset(str(d))['name'] == 'needle'
+    if old_meta:
+        drop_files_entry(d, ('files', 'format', 'command'))
+        assert 'files' not in common.check_dataset(str(d))  # an older prepare's meta.json passes as it is
+    breaks(d)
+    with pytest.raises(common.DatasetError) as e:
+        common.check_dataset(str(d))
+    msg = str(e.value)
+    assert '\n' not in msg and all(p in msg for p in parts), msg
+    assert msg.startswith(str(d))  # names the file
+
+def test_check_dataset_sizes_without_hashes(needle_dir, tmp_path):
+    d = copy_of(needle_dir, tmp_path / 'needle')
+    overwrite(d / 'train.bin', 10, b'\x07\x00')
+    assert common.check_dataset(str(d), verify_hashes=False)['name'] == 'needle'
+    with pytest.raises(common.DatasetError, match='sha256'):
+        common.check_dataset(str(d))
+
+@pytest.mark.parametrize('folder, hint', [
+    ('shakespeare_char', 'python data/shakespeare_char/prepare.py --out_dir {d}'),
+    ('needle2048', 'python data/needle/prepare.py --out_dir {d} (with the options it was made with)'),
+    ('mqar_short', 'python data/mqar/prepare.py --out_dir {d}'),
+    ('mystery', 'python data/mystery/prepare.py (no such script: one of data/{'),
+])
+def test_check_dataset_missing_meta_hint(tmp_path, folder, hint):
+    d = tmp_path / folder
+    d.mkdir()
+    with pytest.raises(common.DatasetError) as e:
+        common.check_dataset(str(d))
+    assert str(e.value).startswith(f"{d / 'meta.json'}: missing: prepare the dataset first: ")
+    assert hint.replace('{d}', str(d)) in str(e.value)
+    assert common._prepare_hint(os.path.join(REPO, 'data', 'imdb')) == 'python data/imdb/prepare.py'
+
+SEQ_CASES = {  # name: (how to break a small mqar dataset whose meta.json has no 'files', expected message)
+    'targets length': (lambda d: open(d / 'val.targets.bin', 'ab').write(b'\0\0'),
+                       'val.targets.bin: 161 targets for the 160 tokens of val.bin'),
+    'target below -1': (lambda d: overwrite(d / 'test.targets.bin', 0, np.int16(-2).tobytes()),
+                        'test.targets.bin: target -2 outside -1..63'),
+    'target >= vocab': (lambda d: overwrite(d / 'test.targets.bin', 0, np.int16(64).tobytes()),
+                        'test.targets.bin: target 64 outside -1..63'),
+    'not whole rows': (lambda d: open(d / 'train.bin', 'ab').write(b'\0\0'), 'train.bin: holds 641 tokens'),
+    'targets missing': (lambda d: (d / 'test.targets.bin').unlink(), 'test.targets.bin: missing'),
+}
+
+@pytest.fixture(scope='module')
+def mqar_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp('prepared') / 'mqar'
+    run_prepare('mqar', '--out_dir', out, '--n_train', 20, '--n_val', 5, '--n_test', 5, '--seq_len', 32,
+                '--n_pairs', 4, '--vocab_size', 64)
+    return out
+
+@pytest.mark.parametrize('case', SEQ_CASES)
+def test_check_dataset_seq_format(mqar_dir, tmp_path, case):
+    d = copy_of(mqar_dir, tmp_path / 'mqar')
+    assert common.check_dataset(str(d))['format'] == 'seq'
+    drop_files_entry(d)
+    breaks, message = SEQ_CASES[case]
+    breaks(d)
+    with pytest.raises(common.DatasetError) as e:
+        common.check_dataset(str(d))
+    assert message in str(e.value) and 'rerun python data/mqar/prepare.py' in str(e.value), str(e.value)
+
+# -----------------------------------------------------------------------------
+# bad, corrupt and too-small raw files: `error: <file>: <problem>`, exit 1, nothing written
+
+def xz_bytes(text):
+    return lzma.compress(text.encode('utf-8'))
+
+IMDB_HEAD = 'id,label,rating,text\n'
+IMDB_ROWS = ''.join(f'neg/{i}_1,{i % 2},1,review {i}\n' for i in range(20))
+BAD_INPUTS = {  # name: (script, extra args, {file: bytes}, the file named in the error, problem)
+    'corrupt xz': ('shakespeare_char', [], {'input.txt.xz': b'\xfd7zXZ\0' + bytes(range(200))}, 'input.txt.xz',
+                   'corrupt .xz file'),
+    'not xz at all': ('shakespeare_char', [], {'input.txt.xz': b'hello' * 20}, 'input.txt.xz', 'corrupt .xz file'),
+    'truncated xz': ('shakespeare_char', [], {'input.txt.xz': xz_bytes('First Citizen:\n' * 500)[:60]},
+                     'input.txt.xz', 'truncated .xz file'),
+    'not utf-8': ('shakespeare_char', [], {'input.txt': b'abc\xff\xfedef' * 20}, 'input.txt',
+                  'not UTF-8 text (invalid start byte: byte 0xff)'),
+    'too small text': ('shakespeare_char', [], {'input.txt': b'sixteen chars!!\n'}, 'input.txt',
+                       '16 characters; need at least 31 to make non-empty train/val/test splits'),
+    'imdb wrong columns': ('imdb', [], {'train.csv': (IMDB_HEAD + IMDB_ROWS + 'neg/x_1,0,1\n').encode(),
+                                        'test.csv': (IMDB_HEAD + IMDB_ROWS).encode()},
+                           'train.csv', 'line 22: expected 4 columns, got 3'),
+    'imdb label not an integer': ('imdb', [], {'train.csv': (IMDB_HEAD + 'neg/0_1,neg,1,"a\nb"\n').encode(),
+                                               'test.csv': (IMDB_HEAD + IMDB_ROWS).encode()},
+                                  'train.csv', "line 2: column 2 (label): expected an integer in 0..1, got 'neg'"),
+    'imdb label out of range': ('imdb', [], {'train.csv': (IMDB_HEAD + IMDB_ROWS).encode(),
+                                             'test.csv': (IMDB_HEAD + 'a,0,1,"x\ny"\nb,7,1,t\n').encode()},
+                                'test.csv', 'line 4: column 2 (label): expected an integer in 0..1, got 7'),
+    'imdb no header': ('imdb', [], {'train.csv': IMDB_ROWS.encode(), 'test.csv': (IMDB_HEAD + IMDB_ROWS).encode()},
+                       'train.csv', "line 1: expected the header 'id,label,rating,text'"),
+    'imdb not utf-8 (.xz)': ('imdb_bytes', [], {'train.csv.xz': lzma.compress((IMDB_HEAD + IMDB_ROWS).encode()
+                                                                              + b'latin-1 \xe9t\xe9\n'),
+                                                'test.csv': (IMDB_HEAD + IMDB_ROWS).encode()},
+                             'train.csv.xz', 'not UTF-8 text'),
+    'imdb too few rows': ('imdb', [], {'train.csv': (IMDB_HEAD + IMDB_ROWS * 10).encode(),
+                                       'test.csv': (IMDB_HEAD + IMDB_ROWS).encode()},
+                          'train.csv', '200 documents; need at least 2,501 to make non-empty train/val/test splits '
+                                       'with --n_val 2500 (val is drawn from train)'),
+    'imdb empty test': ('imdb', ['--n_val', 5], {'train.csv': (IMDB_HEAD + IMDB_ROWS).encode(),
+                                                 'test.csv': IMDB_HEAD.encode()},
+                        'test.csv', 'no documents; need at least 1 to make non-empty train/val/test splits'),
+    'agnews label out of range': ('agnews', [], {'train.csv': b'"5","t","d"\n', 'test.csv': b'"1","t","d"\n'},
+                                  'train.csv', 'line 1: column 1: expected an integer in 1..4, got 5'),
+    'agnews too few rows': ('agnews', [], {'train.csv': b'"1","t","d"\n' * 10, 'test.csv': b'"1","t","d"\n'},
+                            'train.csv', '10 documents; need at least 11 to make non-empty train/val/test splits '
+                                         'with --val_frac 0.05'),
+    'hyperpartisan extra tab': ('hyperpartisan', [], {
+        'semeval2019_byarticle_train.tsv': b'sentence\tlabel\na\t1\nb\tc\t0\n',
+        'semeval2019_byarticle_test.tsv': b'sentence\tlabel\na\t1\n'},
+        'semeval2019_byarticle_train.tsv', 'line 3: expected 2 columns, got 3'),
+    'wikitext too short': ('wikitext2', [], {'wiki.train.raw': b' = A = \n text \n', 'wiki.valid.raw': b'v',
+                                             'wiki.test.raw': b' t t t \n'},
+                           'wiki.valid.raw', "1 token(s) after tokenizing; an LM split needs at least 2"),
+}
+
+@pytest.mark.parametrize('case', BAD_INPUTS)
+def test_bad_raw_files(tmp_path, case):
+    script, extra, files, named, problem = BAD_INPUTS[case]
+    src = tmp_path / 'src'
+    src.mkdir()
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'meta.json').write_text('{}')  # an old dataset's: stays until a prepare actually writes
+    p = run_prepare(script, '--src', src, '--out_dir', out, *extra, check=False)
+    lines = p.stderr.strip().splitlines()  # tqdm's progress bars may come first
+    assert p.returncode == 1 and 'Traceback' not in p.stderr, p.stderr
+    assert [line for line in lines if 'error' in line] == lines[-1:], p.stderr
+    assert lines[-1].startswith(f'error: {src / named}: ') and problem in lines[-1], lines[-1]
+    assert sorted(os.listdir(out)) == ['meta.json']
+
+@pytest.mark.parametrize('script', ['shakespeare_char', 'imdb', 'wikitext103'])
+def test_src_must_be_a_directory(tmp_path, script):
+    """A --src that does not exist (or is a file) is an error, not a silent fall-back to the mirror."""
+    for src in (tmp_path / 'no-such-dir', tmp_path / 'a-file'):
+        (tmp_path / 'a-file').write_text('x')
+        p = run_prepare(script, '--src', src, '--out_dir', tmp_path / 'out', mirror=MIRROR, check=False)
+        assert p.returncode == 1 and p.stderr.strip() == f'error: {src}: --src is not an existing directory', p.stderr
+        assert not (tmp_path / 'out').exists()
+
+def test_read_rows_rules(tmp_path):
+    path = tmp_path / 't.csv'
+    write_text(path, 'a,b\n\n1,x\n"2\n",y\n3,z\n')
+    assert common.read_rows(str(path), ncols=2, header=('a', 'b'), ints={0: range(4)}) == [[1, 'x'], [2, 'y'], [3, 'z']]
+    assert common.read_rows(str(path)) == [['a', 'b'], ['1', 'x'], ['2\n', 'y'], ['3', 'z']]
+    with pytest.raises(common.PrepareError, match=r"line 6: column 1 \(a\): expected an integer in 0..2, got 3"):
+        common.read_rows(str(path), header=('a', 'b'), ints={0: range(3)})
+    write_text(path, '')
+    with pytest.raises(common.PrepareError, match='empty file'):
+        common.read_rows(str(path), header=('a', 'b'))
+
+@pytest.mark.parametrize('val, n, need', [(10, 10, 11), (0.05, 10, 11), (0.15, 3, 4), (0.5, 1, 2), (0.9, 4, 5)])
+def test_split_train_val_minimum(val, n, need):
+    docs = ([str(i) for i in range(n)], [0] * n)
+    with pytest.raises(common.PrepareError, match=f'train.csv: {n} documents; need at least {need} to make '):
+        common.split_train_val(docs, docs, val, names=('train.csv', 'test.csv'))
+    docs = ([str(i) for i in range(need)], [0] * need)
+    s = common.split_train_val(docs, docs, val)
+    assert all(len(s[k][0]) >= 1 for k in SPLITS)
+
+# -----------------------------------------------------------------------------
 # needle task
+
+# sha256(x.numpy().tobytes() + y.numpy().tobytes())[:16] of the removed data/needle.py's make_needle
+NEEDLE_DIGESTS = [
+    (dict(n=300, seed=3), '2de1523eb94eb304'),
+    (dict(n=5000, seed=0), '58a028405c6cd18d'),  # the default train split
+    (dict(n=1000, seed=1), '543567941c767d4b'),  # test
+    (dict(n=1000, seed=2), 'cd1d3d57da2dec3a'),  # val
+    (dict(n=50, seq_len=64, vocab_size=40, noise_lo=20, needle_span=(0.5, 0.5), n_classes=2, ids_per_class=3,
+          first_id=5, seed=0), 'c5e05b4b2e22d5bd'),
+    (dict(n=64, seq_len=2048, needle_span=(0.0, 1.0), seed=7), '43f321f5124e9e68'),
+]
+
+@pytest.mark.parametrize('kwargs, digest', NEEDLE_DIGESTS)
+def test_make_needle_unchanged(kwargs, digest):
+    import hashlib
+    x, y = make_needle(**kwargs)
+    assert hashlib.sha256(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest()[:16] == digest
 
 def test_needle_task():
     x, y = make_needle(300, seed=3)
@@ -416,3 +731,157 @@ def test_needle_options():
                 dict(n_classes=0), dict(seq_len=0), dict(n=-1)):
         with pytest.raises(ValueError):
             make_needle(**{'n': 4, **bad})
+
+def test_needle_prepare_round_trip(needle_dir, tmp_path):
+    meta, data = load(needle_dir)
+    assert {k: meta[k] for k in ('name', 'format', 'tokenizer', 'vocab_size', 'dtype', 'eot_token', 'pad_token',
+                                 'n_classes', 'label_names')} == \
+        {'name': 'needle', 'format': 'classify', 'tokenizer': 'ids', 'vocab_size': 300, 'dtype': 'uint16',
+         'eot_token': None, 'pad_token': None, 'n_classes': 4, 'label_names': ['class0', 'class1', 'class2', 'class3']}
+    assert meta['counts'] == {'train': {'tokens': 768, 'docs': 24}, 'val': {'tokens': 256, 'docs': 8},
+                              'test': {'tokens': 256, 'docs': 8}}
+    g = meta['generator']
+    assert g['split_seeds'] == {'train': 0, 'val': 2, 'test': 1} and g['needle_span'] == [0.0, 0.1]
+    assert (g['seq_len'], g['vocab_size'], g['noise_lo'], g['n_classes'], g['ids_per_class'], g['first_id'],
+            g['n_train'], g['n_val'], g['n_test'], g['seed']) == (32, 300, 200, 4, 5, 10, 24, 8, 8, 0)
+    assert meta['command'].startswith('python data/needle/prepare.py --out_dir ')
+    for split, n, seed in (('train', 24, 0), ('val', 8, 2), ('test', 8, 1)):
+        x, y = make_needle(n, seq_len=32, seed=seed)
+        docs, labels = data[split]
+        assert np.array_equal(np.stack(docs), x.numpy()) and np.array_equal(labels, y.numpy())
+    encode, decode = common.load_codec(meta)
+    assert encode(decode(data['val'][0][0].tolist())) == data['val'][0][0].tolist()
+
+@pytest.mark.parametrize('args, positions', [
+    (['--span', '0.0', '1.0'], range(0, 64)),          # "needle anywhere"
+    (['--span', '0.5', '0.5'], [32]),                  # an empty span still gets one position
+    (['--span', '0.9', '1.0', '--n_classes', '2', '--vocab_size', '250'], range(57, 64)),
+])
+def test_needle_prepare_span(tmp_path, args, positions):
+    out = tmp_path / 'needle64'
+    run_prepare('needle', '--out_dir', out, '--seq_len', 64, '--n_train', 400, '--n_val', 5, '--n_test', 5,
+                '--seed', 9, *args)
+    meta, data = load(out)
+    assert meta['name'] == 'needle64' and meta['generator']['needle_span'] == [float(a) for a in args[1:3]]
+    x = np.stack(data['train'][0])
+    pos = (x < 200).argmax(1)
+    assert ((x < 200).sum(1) == 1).all() and set(pos.tolist()) <= set(positions)
+    assert len(set(pos.tolist())) >= min(len(positions), 40)
+    assert set(data['train'][1].tolist()) == set(range(meta['n_classes']))
+
+@pytest.mark.parametrize('args, message', [
+    (['--span', '0.2', '0.1'], 'error: needle arguments: needle_span=(0.2, 0.1) must satisfy'),
+    (['--vocab_size', '150'], 'error: needle arguments: need 0 <= noise_lo < vocab_size'),
+    (['--n_val', '0'], 'error: --n_val: 0: need at least 1 sequence per split to make non-empty train/val/test splits'),
+])
+def test_needle_prepare_bad_args(tmp_path, args, message):
+    p = run_prepare('needle', '--out_dir', tmp_path / 'n', *args, check=False)
+    assert p.returncode == 1 and p.stderr.startswith(message) and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not (tmp_path / 'n' / 'meta.json').exists()
+
+# -----------------------------------------------------------------------------
+# MQAR (Zoology's multi-query associative recall)
+
+def test_mqar_structure():
+    n, L, N, V = 600, 64, 8, 128
+    x, y = mqar.make_mqar(n, seq_len=L, n_pairs=N, vocab_size=V, seed=1)
+    assert x.shape == y.shape == (n, L) and x.dtype == np.uint16 and y.dtype == np.int16
+    x, y = x.astype(np.int64), y.astype(np.int64)
+    keys, values = x[:, 0:2 * N:2], x[:, 1:2 * N:2]
+    assert ((keys >= 1) & (keys < V // 2)).all() and ((values >= V // 2) & (values < V)).all()
+    assert all(len(set(k)) == N for k in keys.tolist()) and all(len(set(v)) == N for v in values.tolist())
+    assert (y[:, :2 * N] == -1).all()
+    q = y != -1
+    assert (q.sum(1) == N).all() and not q[:, 2 * N + 1::2].any()  # queries at 2N + 2g only
+    r, p = np.nonzero(q)
+    i = np.argmax(keys[r] == x[r, p][:, None], axis=1)  # which pair the query's key is
+    assert (keys[r, i] == x[r, p]).all() and (y[r, p] == values[r, i]).all()  # the target is the key's value
+    assert all(sorted(row) == list(range(N)) for row in i.reshape(n, N).tolist())  # every key queried once
+    rest = x[:, 2 * N:][~q[:, 2 * N:]]
+    assert (rest == 0).all()
+    # keys and values cover their ranges, and the draws differ between rows
+    assert len(np.unique(keys)) > 55 and len(np.unique(values)) > 55 and len({tuple(k) for k in keys.tolist()}) == n
+
+def test_mqar_gap_law():
+    """The i-th key is queried at the i-th gap drawn without replacement with P(g) ~ (g+1)^(alpha-1): the first
+    key's gap follows the law exactly; short gaps dominate at alpha = 0.01, none do at alpha = 1."""
+    n, L, N = 20000, 64, 8
+    space = (L - 2 * N) // 2
+    for alpha in (0.01, 1.0):
+        x, y = mqar.make_mqar(n, seq_len=L, n_pairs=N, vocab_size=128, alpha=alpha, seed=2)
+        q = x[:, 2 * N::2]
+        first = np.argmax(q == x[:, :1], axis=1)  # gap of key 1
+        hist = np.bincount(first, minlength=space) / n
+        law = np.arange(1, space + 1) ** (alpha - 1.0)
+        law /= law.sum()
+        assert 0.5 * np.abs(hist - law).sum() < 0.02, (alpha, hist, law)
+        taken = (y[:, 2 * N::2] != -1).mean(0)  # how often each gap holds a query
+        assert abs(taken.mean() - N / space) < 1e-9
+        if alpha < 1:
+            assert hist[0] > 0.2 and hist[:3].sum() > 0.4 and taken[0] > 0.9 > 0.2 > taken[-1]
+            assert (np.diff(taken) < 0.01).all()  # non-increasing, up to noise
+        else:
+            assert np.abs(taken - N / space).max() < 0.03
+
+def test_gumbel_top_k_is_sequential_sampling():
+    w = np.array([4.0, 2.0, 1.0, 1.0])
+    draws = mqar.gumbel_top_k(np.random.default_rng(0), np.log(w), 200_000, 2)
+    freq = Counter(map(tuple, draws.tolist()))
+    p = {(i, j): w[i] / w.sum() * w[j] / (w.sum() - w[i]) for i in range(4) for j in range(4) if i != j}
+    assert set(freq) == set(p) and max(abs(freq[k] / 200_000 - p[k]) for k in p) < 0.005
+
+def test_sample_distinct_is_uniform():
+    s = mqar.sample_distinct(np.random.default_rng(0), 100_000, 10, 15, 2)
+    assert (s[:, 0] != s[:, 1]).all() and s.min() == 10 and s.max() == 14
+    freq = Counter(map(tuple, s.tolist()))
+    assert len(freq) == 20 and max(abs(c / 100_000 - 1 / 20) for c in freq.values()) < 0.004
+    full = mqar.sample_distinct(np.random.default_rng(1), 50, 0, 7, 7)  # k = m: permutations
+    assert (np.sort(full, 1) == np.arange(7)).all()
+
+def test_mqar_deterministic_and_streams():
+    a = mqar.make_mqar(5000, seq_len=32, n_pairs=4, vocab_size=64, seed=3)
+    b = mqar.make_mqar(10, seq_len=32, n_pairs=4, vocab_size=64, seed=3)
+    assert np.array_equal(a[0][:10], b[0]) and np.array_equal(a[1][:10], b[1])  # a prefix of a longer split
+    assert np.array_equal(a[0], mqar.make_mqar(5000, seq_len=32, n_pairs=4, vocab_size=64, seed=3)[0])
+    for other in (dict(seed=4), dict(seed=3, stream=1)):
+        assert not np.array_equal(b[0], mqar.make_mqar(10, seq_len=32, n_pairs=4, vocab_size=64, **other)[0])
+    r, yr = mqar.make_mqar(10, seq_len=32, n_pairs=4, vocab_size=64, seed=3, random_non_queries=True)
+    assert np.array_equal(yr, b[1]) and np.array_equal(r[b[0] != 0], b[0][b[0] != 0]) and (r != 0).mean() > 0.9
+
+def test_mqar_prepare_files(tmp_path):
+    out = tmp_path / 'mqar'
+    p = run_prepare('mqar', '--out_dir', out, '--n_train', 300, '--n_val', 20, '--n_test', 30, '--seq_len', 64,
+                    '--n_pairs', 8, '--vocab_size', 128, '--seed', 5)
+    assert 'train' in p.stdout
+    meta = common.check_dataset(str(out))
+    assert {k: meta[k] for k in ('name', 'format', 'tokenizer', 'vocab_size', 'dtype', 'target_dtype', 'seq_len',
+                                 'n_pairs', 'alpha', 'eot_token', 'pad_token', 'n_classes', 'label_names')} == \
+        {'name': 'mqar', 'format': 'seq', 'tokenizer': 'ids', 'vocab_size': 128, 'dtype': 'uint16',
+         'target_dtype': 'int16', 'seq_len': 64, 'n_pairs': 8, 'alpha': 0.01, 'eot_token': None, 'pad_token': None,
+         'n_classes': 0, 'label_names': []}
+    assert set(meta['files']) == {f'{s}{x}' for s in SPLITS for x in ('.bin', '.targets.bin')}
+    g = meta['generator']
+    assert (g['seed'], g['n_train'], g['n_val'], g['n_test'], g['split_streams']) == \
+        (5, 300, 20, 30, {'train': 0, 'val': 1, 'test': 2})
+    xs = {}
+    for s, n in (('train', 300), ('val', 20), ('test', 30)):
+        assert meta['counts'][s] == {'tokens': n * 64, 'docs': n}
+        x = np.fromfile(out / f'{s}.bin', np.uint16).reshape(n, 64)
+        y = np.fromfile(out / f'{s}.targets.bin', np.int16).reshape(n, 64)
+        want = mqar.make_mqar(n, seq_len=64, n_pairs=8, vocab_size=128, seed=5, stream=g['split_streams'][s])
+        assert np.array_equal(x, want[0]) and np.array_equal(y, want[1])
+        xs[s] = {r.tobytes() for r in x}
+    assert not (xs['train'] & xs['val']) and not (xs['train'] & xs['test'])
+    assert common.load_codec(meta)[0]('1 127') == [1, 127]
+
+@pytest.mark.parametrize('args, message', [
+    (['--seq_len', '64', '--n_pairs', '20'], 'error: mqar arguments: seq_len must be >= 4 * n_pairs = 80'),
+    (['--vocab_size', '16', '--n_pairs', '8', '--seq_len', '64'],
+     'error: mqar arguments: 8 distinct keys do not fit in [1, 8)'),
+    (['--alpha', '0'], 'error: mqar arguments: alpha must be a positive number'),
+    (['--n_test', '0'], 'error: --n_test: 0: need at least 1 sequence per split'),
+])
+def test_mqar_prepare_bad_args(tmp_path, args, message):
+    p = run_prepare('mqar', '--out_dir', tmp_path / 'm', '--n_train', 10, *args, check=False)
+    assert p.returncode == 1 and p.stderr.startswith(message) and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not (tmp_path / 'm').exists()

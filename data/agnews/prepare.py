@@ -28,13 +28,14 @@ def clean(s):
     return html.unescape(re.sub(r' (#\d+|quot|amp|hellip);', r'&\1;', s))
 
 def load(path):
-    rows = common.read_rows(path)
-    return [clean(title + ' ' + desc) for _, title, desc in rows], [int(label) - 1 for label, _, _ in rows]
+    rows = common.read_rows(path, ncols=3, ints={0: range(1, len(LABELS) + 1)})
+    return [clean(title + ' ' + desc) for _, title, desc in rows], [label - 1 for label, _, _ in rows]
 
 def main(args):
     files = ['train.csv', 'test.csv']
     paths = common.find_source('agnews', files, args.src, {f: URL + f for f in files}, args.raw_dir)
-    splits = common.split_train_val(load(paths['train.csv']), load(paths['test.csv']), args.val_frac)
+    splits = common.split_train_val(load(paths['train.csv']), load(paths['test.csv']), args.val_frac,
+                                    names=(paths['train.csv'], paths['test.csv']))
     common.write_dataset(args.out_dir, args.name, 'cl100k_base', splits, common.describe(paths), label_names=LABELS)
 
 if __name__ == '__main__':

@@ -19,14 +19,15 @@ import common
 URL = 'https://raw.githubusercontent.com/HikariLight/hyperpartisanship_classification/main/data/semeval_2019/'
 
 def load(path):
-    rows = common.read_rows(path, delimiter='\t', quoting=csv.QUOTE_NONE)[1:]
-    return [text for text, _ in rows], [int(label) for _, label in rows]
+    rows = common.read_rows(path, ncols=2, header=('sentence', 'label'), ints={1: range(2)},
+                            delimiter='\t', quoting=csv.QUOTE_NONE)
+    return [text for text, _ in rows], [label for _, label in rows]
 
 def main(args):
     files = {f'semeval2019_byarticle_{s}.tsv': URL + f'{s}.tsv' for s in ('train', 'test')}
     paths = common.find_source('hyperpartisan', files, args.src, files, args.raw_dir)
     train, test = (load(paths[f]) for f in files)
-    splits = common.split_train_val(train, test, args.val_frac)
+    splits = common.split_train_val(train, test, args.val_frac, names=tuple(paths[f] for f in files))
     common.write_dataset(args.out_dir, args.name, 'cl100k_base', splits, common.describe(paths),
                          label_names=['mainstream', 'hyperpartisan'])
 

@@ -16,9 +16,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common
 
 def main(args):
-    train, test, source = common.load_imdb(args)
-    splits = common.split_train_val(train, test, args.n_val)
-    common.write_dataset(args.out_dir, args.name, 'cl100k_base', splits, source, label_names=['neg', 'pos'])
+    train, test, paths = common.load_imdb(args)
+    splits = common.split_train_val(train, test, args.n_val, names=(paths['train.csv'], paths['test.csv']))
+    common.write_dataset(args.out_dir, args.name, 'cl100k_base', splits, common.describe(paths),
+                         label_names=['neg', 'pos'])
 
 if __name__ == '__main__':
     common.cli(__file__, __doc__, main, n_val=dict(type=int, default=2500, help='val docs taken from train'))

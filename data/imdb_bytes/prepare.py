@@ -14,9 +14,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common
 
 def main(args):
-    train, test, source = common.load_imdb(args)
-    splits = common.split_train_val(train, test, args.n_val)
-    common.write_dataset(args.out_dir, args.name, 'bytes', splits, source, label_names=['neg', 'pos'],
+    train, test, paths = common.load_imdb(args)
+    splits = common.split_train_val(train, test, args.n_val, names=(paths['train.csv'], paths['test.csv']))
+    common.write_dataset(args.out_dir, args.name, 'bytes', splits, common.describe(paths), label_names=['neg', 'pos'],
                          max_len=args.max_len)
 
 if __name__ == '__main__':
