@@ -7,16 +7,22 @@ A script declares its settings as plain module globals, then calls
 
 which applies, in order:
   * config files given as bare arguments:  python train.py config/train_shakespeare_char.py
-    (the file is executed; the names it defines override the defaults)
+    (each file is executed, in the order given; the names it defines override the defaults)
   * --key=value overrides:                 python train.py --batch_size=32 --compile=False
+
+Precedence: defaults < config files < --key=value flags. Flags always win over config files, wherever they
+stand on the command line (`--batch_size=8 config/x.py` runs with batch_size 8 even if config/x.py sets it);
+among files, and among flags, the later one wins.
 
 Values are parsed with ast.literal_eval (so 3e-4, (0.0, 0.1), None, True/False work); a value that
 is not a Python literal is kept as a string when the default is a string (--dataset=imdb).
-Unknown keys and values of the wrong type stop the script with a clear message (exit status 2).
+Unknown keys, values of the wrong type, and a config file that cannot be read, does not parse or raises
+stop the script with a one-line message (exit status 2).
 --help (or -h) prints every key with its value (after any config file / overrides) and exits 0.
 """
 import ast
 import sys
+import traceback
 
 _SIMPLE = (bool, int, float, str, tuple, list, type(None))
 
@@ -86,6 +92,26 @@ def _usage(g, keys, doc):
     return '\n'.join(lines)
 
 
+def _exec_config(path):
+    """Execute a config file; return the plain values it defines (not modules, functions or _private names)."""
+    try:
+        with open(path) as f:
+            src = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        _fail(f"cannot read config file {path!r}: {e}")
+    try:
+        code = compile(src, path, 'exec')
+    except SyntaxError as e:
+        _fail(f"config file {path}, line {e.lineno}: syntax error: {e.msg}")
+    ns = {}
+    try:
+        exec(code, ns)
+    except Exception as e:  # noqa: BLE001 - whatever the file raises, one line naming the file and line
+        line = next((fr.lineno for fr in reversed(traceback.extract_tb(e.__traceback__)) if fr.filename == path), '?')
+        _fail(f"config file {path}, line {line}: {type(e).__name__}: {' '.join(str(e).split())}")
+    return {k: v for k, v in ns.items() if not k.startswith('_') and isinstance(v, _SIMPLE)}
+
+
 def configure(g, keys=None, argv=None, doc=None):
     """Apply config files and --key=value overrides to the globals dict `g`.
 
@@ -96,31 +122,21 @@ def configure(g, keys=None, argv=None, doc=None):
     valid = set(keys)
     hint = "valid keys: " + ', '.join(sorted(keys))
     want_help = any(a in ('-h', '--help') for a in argv)
-    for arg in [a for a in argv if a not in ('-h', '--help')]:
-        if not arg.startswith('--'):
-            # a config file: execute it and take the plain names it defines
-            try:
-                with open(arg) as f:
-                    src = f.read()
-            except OSError as e:
-                _fail(f"cannot read config file {arg!r}: {e}")
-            ns = {}
-            exec(compile(src, arg, 'exec'), ns)
-            for k, v in ns.items():
-                if k.startswith('_') or not isinstance(v, _SIMPLE):
-                    continue  # modules, functions, __builtins__, private helpers
-                if k not in valid:
-                    _fail(f"unknown key {k!r} in config file {arg}\n{hint}")
-                g[k] = _coerce(k, v, g[k], arg)
-        else:
-            body = arg[2:]
-            if '=' not in body:
-                _fail(f"expected --key=value, got {arg!r}\n{hint}")
-            k, raw = body.split('=', 1)
-            k = k.replace('-', '_') if k not in valid else k
+    args = [a for a in argv if a not in ('-h', '--help')]
+    for arg in [a for a in args if not a.startswith('--')]:  # config files first, then flags (which win)
+        for k, v in _exec_config(arg).items():
             if k not in valid:
-                _fail(f"unknown key {k!r} (from {arg!r})\n{hint}")
-            g[k] = _coerce(k, _parse_value(raw, g[k]), g[k], arg)
+                _fail(f"unknown key {k!r} in config file {arg}\n{hint}")
+            g[k] = _coerce(k, v, g[k], arg)
+    for arg in [a for a in args if a.startswith('--')]:
+        body = arg[2:]
+        if '=' not in body:
+            _fail(f"expected --key=value, got {arg!r}\n{hint}")
+        k, raw = body.split('=', 1)
+        k = k.replace('-', '_') if k not in valid else k
+        if k not in valid:
+            _fail(f"unknown key {k!r} (from {arg!r})\n{hint}")
+        g[k] = _coerce(k, _parse_value(raw, g[k]), g[k], arg)
     if want_help:  # after the overrides, so that `script.py config/x.py --help` shows that config
         print(_usage(g, keys, doc))
         sys.exit(0)

@@ -8,12 +8,19 @@ Train a MIPT-SSM model (or its Transformer twin, --mixer=attention). After nanoG
     torchrun --standalone --nproc_per_node=4 train.py config/lm_wikitext103.py --gradient_accumulation_steps=4   # DDP
     python train.py --help                            # every key and its default
 
-Tasks: 'lm' (random windows of data/<dataset>/train.bin; val loss/ppl), 'classify' (one document per
-row, right padded, read out at its last token; val accuracy), 'needle' (synthetic needle-in-a-haystack
-from data/needle.py; accuracy). Model selection uses val; the best checkpoint (out_dir/ckpt.pt) is
-evaluated on test exactly once at the end, and everything lands in out_dir/metrics.json.
-out_dir/ckpt_last.pt (written at every eval and on Ctrl-C) resumes a run exactly; out_dir/log.jsonl
-holds the loss of every iteration and every evaluation.
+Tasks, on data/<dataset> made by its prepare.py and checked against its meta.json first: 'lm' (random
+windows of train.bin; loss/ppl), 'classify' (one document per row, right padded, read out at its last token;
+accuracy; e.g. data/needle), 'seq' (fixed-length rows with a target per position, -1 = none, e.g. data/mqar;
+accuracy over the targets). Model selection uses val; the best checkpoint (out_dir/ckpt.pt) is evaluated on
+test once at the end, and everything lands in out_dir/metrics.json. out_dir/ckpt_last.pt (written at every
+eval and on Ctrl-C/SIGTERM) resumes a run exactly; out_dir/log.jsonl holds every iteration and evaluation.
+One run at a time per out_dir (out_dir/.lock names the holder).
+
+Exit status: 0 done, or stopped by Ctrl-C/SIGTERM with ckpt_last.pt saved; 2 a configuration error (a bad
+key or value, a model config MIPTConfig rejects, task vs data, an out_dir holding another run); 1 anything
+else (data missing or corrupt, out_dir locked or not writable, a bad checkpoint, a non-finite loss, an
+interrupted test evaluation). Errors are one line, `error: ...` (--debug=True: the traceback). On a CPU,
+--dtype is float32 whatever it is set to (autocast runs on GPUs only): the run says so and records float32.
 """
 import os
 import sys
@@ -22,54 +29,53 @@ import math
 import time
 import random
 import signal
+import socket
 import platform
 import resource
 import subprocess
 import dataclasses
+import fcntl
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from mipt import MIPTConfig, MIPT
+import checkpoint
+from checkpoint import die
 from configurator import configure
+from data.common import check_dataset, DatasetError
+from mipt import MIPTConfig
 
 # -----------------------------------------------------------------------------
 # default config: a small MIPT char-LM on shakespeare_char, a few minutes on a 2-core CPU
 # I/O
 out_dir = 'out'
 eval_interval = 200          # evaluate on val (and write ckpt_last.pt) every this many iterations
-eval_iters = 20              # lm: val batches per evaluation, or the whole val split if it fits in
-                             # fewer (classify/needle: always the whole val split)
-eval_batch_size = 0          # 0 = batch_size
+eval_iters = 20              # lm: val batches per evaluation, or the whole val split if it fits in fewer
+                             # (classify/seq: always the whole val split)
+eval_batch_size = 0          # rows per eval batch; 0 = about 65k tokens (fewer with a big vocabulary), >= batch_size
 init_from = 'scratch'        # 'scratch' | 'resume' (from out_dir/ckpt_last.pt)
+overwrite = False            # scratch into an out_dir that holds a checkpoint: replace that run
+debug = False                # re-raise errors with their traceback instead of a one-line message
 # data
-task = 'lm'                  # 'lm' | 'classify' | 'needle'
+task = 'lm'                  # 'lm' | 'classify' | 'seq'
 dataset = 'shakespeare_char'
 data_dir = ''                # '' = data/<dataset> next to this file
 batch_size = 12              # micro-batch size per process
-block_size = 64              # lm: window length; classify: truncation length; needle: uses needle_len
+block_size = 64              # lm: window length; classify: truncation length; seq: the data's seq_len
 gradient_accumulation_steps = 1  # total over all DDP processes
-max_epochs = 0               # classify/needle: > 0 sets max_iters to max_epochs passes over train
-vocab_multiple = 1           # lm: pad the vocabulary up to a multiple of this (64: 100277 -> 100288)
-# needle task (data/needle.py): train / test / val use seeds needle_seed, +1, +2 (as in data/needle.py)
-n_train = 5000
-n_val = 1000
-n_test = 1000
-needle_len = 512
-needle_vocab = 300
-needle_span = (0.0, 0.1)
-needle_classes = 4
-needle_seed = 0
+max_epochs = 0               # classify/seq: > 0 sets max_iters to max_epochs passes over train
+vocab_multiple = 1           # lm/seq: pad the vocabulary up to a multiple of this (64: 100277 -> 100288)
 # model: every MIPTConfig field is a key (vocab_size and n_classes come from the data); those not set
-# here (bias, attn_impl, cache_tau, cache_chunk, scan_impl, p_init, ...) default to MIPTConfig's values
+# here (bias, attn_impl, cache_tau, cache_chunk, scan_impl, p_init, readout, ...) default to MIPTConfig's
 n_layer = 4
 n_head = 4
 n_embd = 128
 dropout = 0.0
 mixer = 'mipt'               # 'mipt' | 'attention' (the Transformer twin; it needs cache_size 0 or default)
 cache_size = 16              # K: 0 = no cache, -1 = unbounded
+peer = ''                    # '' | 'gla' | 'gated_deltanet' | 'mamba2' | 'hgrn': an fla layer as every block's mixer
 # optimizer: AdamW (weight_decay=0.0 is Adam)
 learning_rate = 2e-3
 max_iters = 1200
@@ -95,21 +101,21 @@ for _f in dataclasses.fields(MIPTConfig):
 # -----------------------------------------------------------------------------
 config = configure(globals(), doc=__doc__)
 # -----------------------------------------------------------------------------
-CKPT_FORMAT = 'mipt-ckpt-1'
+checkpoint.DEBUG = debug
 ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-def die(msg, code=1):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(code)
-
-
-if task not in ('lm', 'classify', 'needle'):
-    die(f"task must be 'lm', 'classify' or 'needle', got {task!r}", 2)
-if init_from not in ('scratch', 'resume'):
-    die(f"init_from must be 'scratch' or 'resume', got {init_from!r}", 2)
-if dtype not in ('float32', 'bfloat16', 'float16'):
-    die(f"dtype must be 'float32', 'bfloat16' or 'float16', got {dtype!r}", 2)
+_bad = [f"{k} must be >= {lo}, got {config[k]}" for k, lo in dict(  # every bad value at once, one line
+    max_iters=0, batch_size=1, eval_batch_size=0, eval_interval=1, eval_iters=1, vocab_multiple=1, warmup_iters=0,
+    lr_decay_iters=0, max_epochs=0, gradient_accumulation_steps=1).items() if config[k] < lo]
+_bad += [f"{k} must be {want}, got {config[k]}" for k, ok, want in [
+    ('learning_rate', learning_rate > 0, '> 0'), ('min_lr', min_lr >= 0, '>= 0'),
+    ('beta1', 0 <= beta1 < 1, 'in [0, 1)'), ('beta2', 0 <= beta2 < 1, 'in [0, 1)'),
+    ('weight_decay', weight_decay >= 0, '>= 0'), ('grad_clip', grad_clip >= 0, '>= 0')]
+    if not (ok and math.isfinite(config[k]))]
+_bad += [f"{k} must be one of {', '.join(map(repr, choices))}, got {config[k]!r}" for k, choices in [
+    ('task', ('lm', 'classify', 'seq')), ('init_from', ('scratch', 'resume')),
+    ('dtype', ('float32', 'bfloat16', 'float16'))] if config[k] not in choices]
+if _bad:
+    die('; '.join(_bad), 2)
 
 # DDP (torchrun sets RANK): rank 0 writes; gradient accumulation is split across processes
 ddp = int(os.environ.get('RANK', -1)) != -1
@@ -129,60 +135,45 @@ master = rank == 0
 device_type = 'cuda' if 'cuda' in device else 'cpu'
 if device_type == 'cuda' and not torch.cuda.is_available():
     die("device='cuda' but CUDA is not available: pass --device=cpu", 2)
+if device_type == 'cpu' and dtype != 'float32':
+    if master:
+        print(f"note: dtype={dtype} does not apply on a CPU: running (and recording) float32")
+    dtype = config['dtype'] = 'float32'
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+ctx = nullcontext() if dtype == 'float32' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
 torch.manual_seed(seed)  # same init everywhere (DDP also broadcasts rank 0's weights)
 random.seed(seed)
 np.random.seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
-eval_bs = eval_batch_size or batch_size
 t_start = time.time()
 
 # -----------------------------------------------------------------------------
-# data
-if task == 'needle':
-    from data.needle import make_needle
-    meta = {'name': 'needle', 'tokenizer': 'ids', 'vocab_size': needle_vocab, 'n_classes': needle_classes,
-            'label_names': [f'class{i}' for i in range(needle_classes)], 'eot_token': None, 'pad_token': None}
-    needle = {}
-    for split, n, off in [('train', n_train, 0), ('val', n_val, 2), ('test', n_test, 1)]:
-        try:
-            x, y = make_needle(n, seq_len=needle_len, vocab_size=needle_vocab, needle_span=tuple(needle_span),
-                               n_classes=needle_classes, seed=needle_seed + off)
-        except ValueError as e:
-            die(f"needle task: {e}", 2)
-        needle[split] = (x, y)
-else:
-    default_dir = not data_dir
-    data_dir = data_dir or os.path.join(ROOT, 'data', dataset)
-    prepare = os.path.join('data', dataset, 'prepare.py')
-    meta_path = os.path.join(data_dir, 'meta.json')
-    if not os.path.exists(meta_path) and default_dir and dataset == 'shakespeare_char' and master:
-        print(f"{meta_path} not found: running {prepare}")
-        r = subprocess.run([sys.executable, os.path.join(ROOT, prepare)])
-        if r.returncode != 0:
-            die(f"{prepare} failed (exit {r.returncode})")
-    if ddp:
-        torch.distributed.barrier()
-    if not os.path.exists(meta_path):
-        die(f"dataset {dataset!r} not found ({meta_path} is missing): run `python {prepare}` first "
-            f"(sources come from --src=DIR, $MIPT_DATA_MIRROR or a download)")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if task == 'classify' and not meta.get('n_classes'):
-        die(f"dataset {dataset!r} has no labels (meta n_classes={meta.get('n_classes')}); use --task=lm")
+# data: checked against its meta.json before anything is written
+default_dir = not data_dir
+data_dir = data_dir or os.path.join(ROOT, 'data', dataset)
+if default_dir and dataset == 'shakespeare_char' and not os.path.exists(os.path.join(data_dir, 'meta.json')) and master:
+    print(f"{data_dir}/meta.json not found: running data/shakespeare_char/prepare.py")
+    if subprocess.run([sys.executable, os.path.join(ROOT, 'data', dataset, 'prepare.py')]).returncode:
+        die("data/shakespeare_char/prepare.py failed")
+if ddp:
+    torch.distributed.barrier()
+try:
+    meta = check_dataset(data_dir, verify_hashes=master)  # sizes everywhere, sha256 once
+except DatasetError as e:
+    die(str(e))
+fmt = meta.get('format') or ('classify' if meta.get('n_classes') else 'lm')
+if (task == 'seq') != (fmt == 'seq') or (task == 'classify' and fmt != 'classify'):
+    die(f"--task={task} does not fit {data_dir}, a {fmt!r} dataset: use " +
+        ("--task=seq" if fmt == 'seq' else "--task=lm" if fmt == 'lm' else "--task=classify or --task=lm"), 2)
 
 
 def split_path(split, suffix='.bin'):
     return os.path.join(data_dir, split + suffix)
 
 
-def load_tokens(split):
-    path = split_path(split)
-    if not os.path.exists(path):
-        die(f"{path} is missing: run `python {prepare}`")
-    return np.memmap(path, dtype=np.dtype(meta['dtype']), mode='r')
+def load_tokens(split, suffix='.bin', dt=None):  # a fresh memmap per batch avoids a memory leak (nanoGPT)
+    return np.memmap(split_path(split, suffix), dtype=np.dtype(dt or meta['dtype']), mode='r')
 
 
 def to_device(*ts):
@@ -191,31 +182,25 @@ def to_device(*ts):
     return [t.to(device) if t is not None else None for t in ts]
 
 
-def lm_batch(split, gen, bs):
-    """Random windows of block_size + 1 tokens (nanoGPT's get_batch), drawn with generator `gen`."""
-    data = load_tokens(split)  # a fresh memmap per batch avoids a memory leak (nanoGPT)
-    if len(data) <= block_size + 1:
-        die(f"{split_path(split)} has {len(data)} tokens, fewer than block_size + 2 = {block_size + 2}")
-    ix = torch.randint(len(data) - block_size - 1, (bs,), generator=gen).tolist()
-    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix])
-    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])
+def windows(data, ix, n):
+    x = torch.stack([torch.from_numpy(data[i:i + n].astype(np.int64)) for i in ix])
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + n].astype(np.int64)) for i in ix])
     return to_device(x, y) + [None]
 
 
+def lm_batch(split, gen, bs):
+    """Random windows of block_size + 1 tokens (nanoGPT's get_batch), drawn with generator `gen`."""
+    data = load_tokens(split)
+    return windows(data, torch.randint(len(data) - block_size - 1, (bs,), generator=gen).tolist(), block_size)
+
+
 class Docs:
-    """One split of a classification set: docs[i] = tokens[idx[i]:idx[i+1]], label labels[i]."""
+    """classify: docs[i] = tokens[idx[i]:idx[i+1]], label labels[i], right padded into (B, T) batches."""
 
     def __init__(self, split):
-        for suffix in ('.bin', '.idx.npy', '.labels.npy'):
-            if not os.path.exists(split_path(split, suffix)):
-                die(f"{split_path(split, suffix)} is missing: run `python {prepare}`")
-        self.tokens = load_tokens(split)
-        self.idx = np.load(split_path(split, '.idx.npy'))
+        self.tokens, self.idx = load_tokens(split), np.load(split_path(split, '.idx.npy'))
         self.labels = torch.from_numpy(np.load(split_path(split, '.labels.npy')).astype(np.int64))
-        self.n = len(self.labels)
-        self.pad = meta.get('pad_token')
-        self.pad = 0 if self.pad is None else self.pad
-        self.eot = meta.get('eot_token')
+        self.n, self.pad, self.eot = len(self.labels), meta.get('pad_token') or 0, meta.get('eot_token')
 
     def batch(self, ids):
         docs = []
@@ -228,49 +213,221 @@ class Docs:
                     d = d[:block_size]  # keep the beginning
             docs.append(d if len(d) else np.array([self.pad], dtype=np.int64))
         lengths = torch.tensor([len(d) for d in docs])
-        T = min(block_size, -(-int(lengths.max()) // 64) * 64)  # few distinct shapes
+        T = min(block_size, -(-int(lengths.max()) // 64) * 64)  # few distinct shapes; equal docs of 512: T = 512
         x = torch.full((len(docs), T), self.pad, dtype=torch.long)
         for j, d in enumerate(docs):
             x[j, :len(d)] = torch.from_numpy(d)
         return to_device(x, self.labels[list(ids)], lengths)
 
 
-class Arrays:
-    """A split held in memory as (x (n, T), y (n,)) tensors, e.g. the needle task."""
+class Rows:
+    """seq: row i = tokens[i*L:(i+1)*L] with one target per position (-1: none), L = meta['seq_len']."""
 
-    def __init__(self, x, y):
-        self.x, self.labels, self.n = x, y, len(y)
+    def __init__(self, split):
+        self.x = load_tokens(split).reshape(-1, meta['seq_len'])
+        self.y = load_tokens(split, '.targets.bin', meta.get('target_dtype', 'int16')).reshape(-1, meta['seq_len'])
+        self.n = len(self.x)
 
     def batch(self, ids):
-        ids = torch.as_tensor(list(ids), dtype=torch.long)
-        return to_device(self.x[ids], self.labels[ids]) + [None]
+        x, y = (torch.from_numpy(a[ids].astype(np.int64)) for a in (self.x, self.y))
+        return to_device(x, y, None)
 
 
+if task == 'seq':
+    block_size = config['block_size'] = meta['seq_len']
 if task == 'lm':
-    train_n = None
-    vocab_size = -(-meta['vocab_size'] // vocab_multiple) * vocab_multiple
-    n_classes = 0
+    for _s, _need in (('train', block_size + 2), ('val', 2), ('test', 2)):
+        if len(load_tokens(_s)) < _need:
+            die(f"{split_path(_s)} holds {len(load_tokens(_s))} tokens, fewer than " +
+                (f"block_size + 2 = {_need}: lower --block_size" if _s == 'train' else f"{_need}"), 2)
 else:
-    if task == 'needle':
-        splits = {s: Arrays(*needle[s]) for s in ('train', 'val', 'test')}
-    else:
-        splits = {s: Docs(s) for s in ('train', 'val', 'test') if s != 'test' or os.path.exists(split_path(s))}
+    splits = {s: (Docs if task == 'classify' else Rows)(s) for s in ('train', 'val', 'test')}
     train_n = splits['train'].n
-    vocab_size = meta['vocab_size']
-    n_classes = meta['n_classes']
-    if task == 'needle':
-        block_size = needle_len
     micro_per_epoch = train_n // (batch_size * world)
     if micro_per_epoch == 0:
-        die(f"batch_size * processes = {batch_size * world} exceeds the {train_n} training examples")
+        die(f"batch_size {batch_size} x {world} process(es) = {batch_size * world} exceeds the {train_n} training "
+            f"examples of {data_dir}: lower --batch_size", 2)
     if max_epochs > 0:
         max_iters = max(1, max_epochs * micro_per_epoch // gradient_accumulation_steps)
+    if task == 'classify' and master:
+        n_cut = int((np.diff(splits['train'].idx) > block_size).sum())
+        if n_cut:
+            print(f"note: {n_cut} of {train_n} training documents are longer than block_size={block_size} and cut")
+vocab_size = meta['vocab_size'] if task == 'classify' else -(-meta['vocab_size'] // vocab_multiple) * vocab_multiple
+n_classes = meta['n_classes'] if task == 'classify' else 0
+logits_per_token = 1 if task == 'classify' else vocab_size  # evaluation batches: <= 65536 tokens, <= 2^28 logits
+eval_bs = eval_batch_size or max(batch_size, min(65536, 2**28 // logits_per_token) // block_size)
 
+# -----------------------------------------------------------------------------
+# model config (from the flags, or on resume from the checkpoint), out_dir and its lock
+model_args = {f.name: globals()[f.name] for f in dataclasses.fields(MIPTConfig) if f.name in globals()}
+model_args.update(vocab_size=vocab_size, n_classes=n_classes, block_size=block_size)
+last_path, best_path = os.path.join(out_dir, 'ckpt_last.pt'), os.path.join(out_dir, 'ckpt.pt')
+metrics_path, log_path = os.path.join(out_dir, 'metrics.json'), os.path.join(out_dir, 'log.jsonl')
+ck = None
+if init_from == 'resume':
+    ck = checkpoint.load(last_path)
+    was = ck['meta']
+    if ck['train_config'].get('task') != task:
+        die(f"cannot resume {last_path}: it was trained with --task={ck['train_config'].get('task')}, not {task}", 2)
+    differ = [k for k in ('name', 'format', 'tokenizer', 'vocab_size', 'n_classes', 'seq_len', 'counts', 'files')
+              if k in was and k in meta and was[k] != meta[k]]
+    if differ:
+        die(f"cannot resume {last_path}: it was trained on dataset {was.get('name')!r}, and {data_dir} holds other "
+            f"data ({', '.join(differ)} differ): point --dataset/--data_dir at the run's data, or use another "
+            f"--out_dir", 2)
+    changed = {k: (v, model_args.get(k)) for k, v in ck['model_args'].items()
+               if k != 'scan_impl' and model_args.get(k, v) != v}
+    if ck.get('peer', '') != peer:
+        changed['peer'] = (ck.get('peer', ''), peer)
+    if changed and master:
+        print(f"resume: the model config comes from the checkpoint; ignoring {changed}")
+    model_args = dict(ck['model_args'], scan_impl=scan_impl)  # scan_impl is how, not what: this run's
+    peer = ck.get('peer', '')
+try:
+    model_config = MIPTConfig(**model_args)
+except (TypeError, ValueError) as e:
+    die(f"invalid model config: {e}", 2)
+if model_config.scan_impl == 'cuda' and device_type != 'cuda':
+    die(f"scan_impl='cuda' needs a CUDA device, and this run is on {device}: use --scan_impl=auto or torch", 2)
+if peer:  # peers.py: flash-linear-attention layers (Triton, CUDA only) as every block's mixer
+    import peers
+    if peer not in peers.PEERS or model_config.mixer != 'mipt' or device_type != 'cuda':
+        die(f"--peer={peer}: " + (f"no such peer (one of {', '.join(peers.PEERS)})" if peer not in peers.PEERS else
+            f"it replaces the MIPT mixer of every block, not --mixer={model_config.mixer}"
+            if model_config.mixer != 'mipt' else "its kernels need a CUDA device"), 2)
+    if not peers.available():
+        die(f"--peer={peer} needs flash-linear-attention, which does not import here: {peers.INSTALL}")
+if master:  # out_dir: locked (fcntl, until this process exits) before anything is written into it
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        die(f"out_dir {out_dir} is a file, not a directory: pick another --out_dir", 2)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        lock_file = open(os.path.join(out_dir, '.lock'), 'a+')
+    except OSError as e:
+        die(f"cannot write to out_dir {out_dir}: {e.strerror or e}")
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock_file.seek(0)
+        die(f"{out_dir} is in use by another run ({lock_file.read().strip() or 'holder unknown'}): wait for it "
+            f"to end, stop it, or pick another --out_dir")
+    lock_file.truncate(0)  # append mode: the write lands at 0
+    lock_file.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    lock_file.flush()
+    if init_from == 'scratch':
+        if (os.path.exists(best_path) or os.path.exists(last_path)) and not overwrite:
+            die(f"{out_dir} holds a checkpoint of an earlier run: pass a new --out_dir, or --overwrite=True to "
+                f"replace that run (--init_from=resume continues it)", 2)
+        for p in (best_path, last_path, metrics_path):
+            if os.path.exists(p):
+                os.remove(p)
+if ck is not None and ck['iter_num'] >= max_iters and os.path.exists(metrics_path):
+    try:  # an interrupted or unreadable test evaluation is done again
+        with open(metrics_path) as f:
+            finished = 'interrupted' not in (json.load(f).get('note') or '')
+    except (OSError, ValueError, AttributeError):
+        finished = False
+    if finished:
+        if master:
+            print(f"run already finished at iter {ck['iter_num']}; metrics in {metrics_path} "
+                  f"(to train on, resume with a larger --max_iters)")
+        sys.exit(0)
+
+# -----------------------------------------------------------------------------
+# model, optimizer, and the state an exact resume needs
+model = raw_model = checkpoint.build_model({'model_args': model_args, 'peer': peer, 'model': ck and ck['model']},
+                                           device, last_path)
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+if compile:
+    model = torch.compile(model)
+if ddp:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+params_total = raw_model.get_num_params(non_embedding=False)
+params_non_emb = raw_model.get_num_params(non_embedding=True)
 # training data samplers: their own generators, so that evaluation never moves them and resume is exact.
 # LM windows differ per process (seed + rank); the epoch permutation is the same on every process.
 data_gen = torch.Generator().manual_seed(seed + rank)
 perm_gen = torch.Generator().manual_seed(seed)
-sampler = {'epoch': 0, 'pos': 0, 'perm': None}  # classify/needle: shuffled epochs, drop_last
+sampler = {'epoch': 0, 'pos': 0, 'perm': None}  # classify/seq: shuffled epochs, drop_last
+iter_num, best_val, best_iter = 0, None, None
+stats = {'train_time': 0.0, 'train_tokens': 0, 'last_loss': None}  # for metrics.json, across resumes
+
+
+def run_state():
+    """What ckpt_last.pt holds beyond weights and optimizer: every process's RNGs (gathered to rank 0; a
+    collective under DDP) and the epoch sampler."""
+    npst = np.random.get_state()
+    st = {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state(device) if 'cuda' in device else None,
+          'numpy': [npst[0], torch.from_numpy(npst[1].astype(np.int64)), int(npst[2]), int(npst[3]), float(npst[4])],
+          'python': random.getstate(), 'data': data_gen.get_state(), 'perm': perm_gen.get_state()}
+    if ddp:
+        out = [None] * world
+        torch.distributed.all_gather_object(out, st)
+        st = out
+    return {'rng': st, 'sampler': dict(sampler)}
+
+
+def resume_state(ck):
+    """Restore run_state() and the counters from ck, and cut log.jsonl back to the checkpoint (a line that
+    does not parse is dropped with a warning). -> the iteration whose evaluation ck already holds, or None."""
+    global iter_num, best_val, best_iter
+    iter_num, best_val, best_iter = ck['iter_num'], ck['best_val'], ck.get('best_iter')
+    optimizer.load_state_dict(ck['optimizer'])
+    scaler.load_state_dict(ck['scaler'])
+    stats.update(ck.get('stats', {}))
+    rngs = ck['rng'] if isinstance(ck['rng'], list) else [ck['rng']]
+    st = rngs[rank % len(rngs)]
+    torch.set_rng_state(st['torch'])
+    if st['cuda'] is not None and 'cuda' in device:
+        torch.cuda.set_rng_state(st['cuda'], device)
+    n = st['numpy']
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    random.setstate(st['python'])
+    data_gen.set_state(st['data'])
+    perm_gen.set_state(st['perm'])
+    if len(rngs) != world:  # exactness needs the same number of processes; keep the ranks' data apart
+        data_gen.manual_seed(seed + rank + 7919 * iter_num)
+        if master:
+            print(f"resume: {len(rngs)} process(es) wrote the checkpoint, {world} resume it: "
+                  f"the run continues, but not exactly as an uninterrupted one would")
+    sampler.update(ck['sampler'])
+    if master and os.path.exists(log_path):  # keep what came before the checkpoint
+        kept, bad = [], 0
+        with open(log_path) as f:
+            for line in filter(str.strip, f):
+                try:
+                    e = json.loads(line)
+                    if e['iter'] < iter_num or ('eval' in e and e['iter'] == iter_num):
+                        kept.append(json.dumps(e) + '\n')
+                except (ValueError, TypeError, KeyError):  # a line cut short by a crash, or not ours
+                    bad += 1
+        if bad:
+            print(f"warning: {log_path}: dropped {bad} line(s) that do not parse")
+        with open(log_path, 'w') as f:
+            f.writelines(kept)
+    return iter_num if ck.get('evaluated', True) else None  # False: saved on Ctrl-C, between evaluations
+
+
+def save(paths, evaluated=True):
+    """Write the training state to each of `paths` (rank 0; every process must call it under DDP)."""
+    state = run_state()
+    if not master:
+        return
+    if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+        die("non-finite parameters: refusing to write a checkpoint")
+    ck = {'format': checkpoint.CKPT_FORMAT, 'model': raw_model.state_dict(),
+          'model_args': dataclasses.asdict(model_config), 'peer': peer, 'optimizer': optimizer.state_dict(),
+          'scaler': scaler.state_dict(), 'iter_num': iter_num, 'best_val': best_val, 'best_iter': best_iter,
+          'train_config': config, 'meta': meta, 'evaluated': evaluated, 'stats': dict(stats), **state}
+    for p in paths:
+        checkpoint.save(p, ck)
+
+
+resumed_at = resume_state(ck) if ck is not None else None
+del ck
 
 
 def next_train_batch():
@@ -289,160 +446,61 @@ def next_train_batch():
 
 
 # -----------------------------------------------------------------------------
-# model
-model_args = {f.name: globals()[f.name] for f in dataclasses.fields(MIPTConfig) if f.name in globals()}
-model_args.update(vocab_size=vocab_size, n_classes=n_classes, block_size=block_size)
-iter_num, best_val, best_iter, ckpt = 0, None, None, None
-last_path, best_path = os.path.join(out_dir, 'ckpt_last.pt'), os.path.join(out_dir, 'ckpt.pt')
-if init_from == 'resume':
-    if not os.path.exists(last_path):
-        die(f"--init_from=resume: no checkpoint at {last_path}")
-    try:
-        ckpt = torch.load(last_path, map_location='cpu', weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same message
-        die(f"cannot read {last_path}: {e}")
-    if not isinstance(ckpt, dict) or ckpt.get('format') != CKPT_FORMAT:
-        die(f"{last_path} is not a mipt checkpoint (format {CKPT_FORMAT!r})")
-    changed = {k: (v, model_args.get(k)) for k, v in ckpt['model_args'].items() if model_args.get(k, v) != v}
-    if changed and master:
-        print(f"resume: the model config comes from the checkpoint; ignoring {changed}")
-    model_args = ckpt['model_args']
-try:
-    model_config = MIPTConfig(**model_args)
-except (TypeError, ValueError) as e:
-    die(f"invalid model config: {e}", 2)
-model = MIPT(model_config)
-if ckpt is not None:
-    model.load_state_dict(ckpt['model'])
-    iter_num, best_val, best_iter = ckpt['iter_num'], ckpt['best_val'], ckpt.get('best_iter')
-model.to(device)
-raw_model = model
-scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
-if ckpt is not None:
-    optimizer.load_state_dict(ckpt['optimizer'])
-    if 'scaler' in ckpt:
-        scaler.load_state_dict(ckpt['scaler'])
-if compile:
-    model = torch.compile(model)
-if ddp:
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
-params_total = raw_model.get_num_params(non_embedding=False)
-params_non_emb = raw_model.get_num_params(non_embedding=True)
+# evaluation (on raw_model: no DDP collectives; every process computes the same numbers). A SIGINT/SIGTERM
+# stops it between batches (Interrupted).
+class Interrupted(Exception):
+    pass
 
 
-def rng_state():
-    npst = np.random.get_state()
-    return {'torch': torch.get_rng_state(),
-            'cuda': torch.cuda.get_rng_state(device) if 'cuda' in device else None,
-            'numpy': [npst[0], torch.from_numpy(npst[1].astype(np.int64)), int(npst[2]), int(npst[3]), float(npst[4])],
-            'python': random.getstate(),
-            'data': data_gen.get_state(), 'perm': perm_gen.get_state()}
-
-
-def set_rng_state(st):
-    torch.set_rng_state(st['torch'])
-    if st['cuda'] is not None and 'cuda' in device:
-        torch.cuda.set_rng_state(st['cuda'], device)
-    n = st['numpy']
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
-    random.setstate(st['python'])
-    data_gen.set_state(st['data'])
-    perm_gen.set_state(st['perm'])
-
-
-if ckpt is not None:
-    rngs = ckpt['rng'] if isinstance(ckpt['rng'], list) else [ckpt['rng']]
-    set_rng_state(rngs[rank % len(rngs)])
-    if len(rngs) != world:  # exactness needs the same number of processes; keep the ranks' data apart
-        data_gen.manual_seed(seed + rank + 7919 * iter_num)
-        if master:
-            print(f"resume: {len(rngs)} process(es) wrote the checkpoint, {world} resume it: "
-                  f"the run continues, but not exactly as an uninterrupted one would")
-    sampler.update(ckpt['sampler'])
-    resumed_evaluated = ckpt.get('evaluated', True)  # False: saved on Ctrl-C, between evaluations
-    del ckpt
-
-
-def params_finite():
-    return all(torch.isfinite(p).all() for p in raw_model.parameters())
-
-
-def save_checkpoint(path, rngs, evaluated=True):
-    if not params_finite():
-        die("non-finite parameters: refusing to write a checkpoint")
-    ckpt = {'format': CKPT_FORMAT, 'model': raw_model.state_dict(), 'model_args': dataclasses.asdict(model_config),
-            'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
-            'iter_num': iter_num, 'best_val': best_val, 'best_iter': best_iter,
-            'train_config': config, 'meta': meta, 'rng': rngs,
-            'sampler': dict(sampler), 'evaluated': evaluated}
-    tmp = path + '.tmp'
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-
-
-def gather_rng():
-    """RNG states of every process (rank 0 saves them all, so a DDP resume is exact too)."""
-    st = rng_state()
-    if not ddp:
-        return st
-    out = [None] * world
-    torch.distributed.all_gather_object(out, st)
-    return out
-
-
-# -----------------------------------------------------------------------------
-# evaluation (on raw_model: no DDP collectives; every process computes the same numbers)
-higher_is_better = task != 'lm'
+def eval_batches(split, full):
+    """-> (number of batches, iterator over (x, y, lengths)) covering `split` (lm: see eval_iters)."""
+    if task != 'lm':
+        data = splits[split]
+        chunks = [list(range(b, min(b + eval_bs, data.n))) for b in range(0, data.n, eval_bs)]
+        return len(chunks), (data.batch(ids) for ids in chunks)
+    data = load_tokens(split)
+    n = min(block_size, len(data) - 1)
+    starts = list(range(0, len(data) - n, n))  # non-overlapping windows covering the split
+    if full or len(starts) <= eval_iters * eval_bs:  # the whole split (test: always)
+        chunks = [starts[b:b + eval_bs] for b in range(0, len(starts), eval_bs)]
+        return len(chunks), (windows(data, ix, n) for ix in chunks)
+    gen = torch.Generator().manual_seed(seed + 1)  # eval_iters random batches, the same at every evaluation
+    return eval_iters, (lm_batch(split, gen, eval_bs) for _ in range(eval_iters))
 
 
 @torch.no_grad()
 def evaluate(split, full=False):
+    """lm: {'loss', 'ppl'} per token; classify: {'acc', 'loss'} per document; seq: {'acc', 'loss'} per target."""
+    n, batches = eval_batches(split, full)
+    tot_loss, correct, count = 0.0, 0, 0
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=n, desc=split, leave=split == 'test', dynamic_ncols=True, mininterval=0.5 if tty else 30,
+               disable=not master or (split != 'test' and not tty))
     raw_model.eval()
-    if task == 'lm':
-        data = load_tokens(split)
-        n = min(block_size, len(data) - 1)
-        starts = list(range(0, len(data) - n, n))  # non-overlapping windows covering the split
-        if full or len(starts) <= eval_iters * eval_bs:  # the whole split (test: always)
-            tot, cnt = 0.0, 0
-            for b in range(0, len(starts), eval_bs):
-                ix = starts[b:b + eval_bs]
-                x = torch.stack([torch.from_numpy(data[i:i + n].astype(np.int64)) for i in ix])
-                y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + n].astype(np.int64)) for i in ix])
-                x, y = to_device(x, y)
-                with ctx:
-                    _, loss = raw_model(x, y)
-                tot += loss.item() * y.numel()
-                cnt += y.numel()
-            loss = tot / cnt
-        else:  # eval_iters random windows, the same ones at every evaluation
-            gen = torch.Generator().manual_seed(seed + 1)
-            losses = []
-            for _ in range(eval_iters):
-                x, y, _ = lm_batch(split, gen, eval_bs)
-                with ctx:
-                    _, loss = raw_model(x, y)
-                losses.append(loss.item())
-            loss = sum(losses) / len(losses)
-        out = {'loss': loss, 'ppl': math.exp(min(loss, 50.0))}
-    else:
-        data = splits[split]
-        correct, tot_loss = 0, 0.0
-        for b in range(0, data.n, eval_bs):
-            ids = list(range(b, min(b + eval_bs, data.n)))
-            x, y, lengths = data.batch(ids)
+    try:
+        for k, (x, y, lengths) in enumerate(batches):
+            if stop_requested:
+                raise Interrupted(f"{k}/{n} batches")
             with ctx:
                 logits, loss = raw_model(x, y, lengths=lengths)
-            correct += (logits.argmax(-1) == y).sum().item()
-            tot_loss += loss.item() * len(ids)
-        out = {'acc': correct / data.n, 'loss': tot_loss / data.n}
-    raw_model.train()
-    return out
+            w = int((y >= 0).sum())  # lm: every token; classify: every row; seq: the positions with a target
+            tot_loss, count = tot_loss + (loss.item() * w if w else 0.0), count + w
+            if task != 'lm':
+                correct += int(((logits.argmax(-1) == y) & (y >= 0)).sum())
+            bar.update()
+    finally:
+        bar.close()
+        raw_model.train()
+    if task == 'lm':
+        return {'loss': tot_loss / count, 'ppl': math.exp(min(tot_loss / count, 50.0))}
+    return {'acc': correct / count, 'loss': tot_loss / count}
 
 
-def metric(res):
-    return res['acc'] if higher_is_better else res['loss']
+def any_process(flag):
+    t = torch.tensor(float(flag), device=device)
+    if ddp:
+        all_reduce(t)
+    return t.item() > 0
 
 
 def get_lr(it):
@@ -457,26 +515,6 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-# -----------------------------------------------------------------------------
-# training loop
-if master:
-    os.makedirs(out_dir, exist_ok=True)
-    log_path = os.path.join(out_dir, 'log.jsonl')
-    if init_from == 'resume' and os.path.exists(log_path):  # drop what came after the checkpoint
-        with open(log_path) as f:
-            entries = [json.loads(ln) for ln in f if ln.strip()]
-        with open(log_path, 'w') as f:
-            for e in entries:
-                if e['iter'] < iter_num or ('eval' in e and e['iter'] == iter_num):
-                    f.write(json.dumps(e) + '\n')
-    log_file = open(log_path, 'a' if init_from == 'resume' else 'w', buffering=1)
-
-
-def log(**entry):
-    if master:
-        log_file.write(json.dumps(entry) + '\n')
-
-
 stop_requested = False
 
 
@@ -486,63 +524,74 @@ def on_signal(signum, frame):
         raise KeyboardInterrupt
     stop_requested = True
     if master:
-        tqdm.write("\ninterrupted: finishing this iteration, then saving ckpt_last.pt (again to abort)")
+        tqdm.write("\ninterrupted: finishing this step, then saving ckpt_last.pt (again to abort)")
 
 
+def stop(where):
+    save([last_path], evaluated=False)
+    if master:
+        print(f"stopped {where}: saved {last_path}; continue with "
+              f"`python train.py ... --init_from=resume --out_dir={out_dir}`")
+    if ddp:
+        destroy_process_group()
+    sys.exit(0)
+
+
+# -----------------------------------------------------------------------------
+# training loop
 signal.signal(signal.SIGINT, on_signal)
 signal.signal(signal.SIGTERM, on_signal)
-
+log_file = open(log_path, 'a' if init_from == 'resume' else 'w', buffering=1) if master else None
+higher_is_better = task != 'lm'
+metric_name = 'acc' if higher_is_better else 'loss'
 if master:
-    print(f"task {task} | dataset {meta['name']} | {model_config.mixer} | "
+    print(f"task {task} | dataset {meta['name']} | {model_config.mixer}{f' (peer {peer})' if peer else ''} | "
           f"{params_total / 1e6:.2f}M params ({params_non_emb / 1e6:.3f}M non-embedding) | "
-          f"{max_iters} iters x {batch_size * gradient_accumulation_steps * world} seqs | {device} {dtype}")
-resumed_at = iter_num if init_from == 'resume' and resumed_evaluated else None
-train_time, train_tokens, last_loss = 0.0, 0, None
+          f"{max_iters} iters x {batch_size * gradient_accumulation_steps * world} seqs | {device} {dtype}", flush=True)
 pbar = tqdm(total=max_iters, initial=iter_num, disable=not master, dynamic_ncols=True, desc='train',
             mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
 tok_rate = None
 while True:
     # evaluate, keep the best checkpoint, write ckpt_last.pt (skipped right after a resume: done already)
     if (iter_num % eval_interval == 0 or iter_num >= max_iters) and iter_num != resumed_at:
-        res = evaluate('val')
+        try:
+            res = evaluate('val')
+        except Interrupted:
+            res = None
+        if any_process(res is None):
+            pbar.close()
+            stop(f"during the evaluation at iter {iter_num}")
         if not math.isfinite(res['loss']):
             die(f"non-finite val loss {res['loss']} at iter {iter_num}: stopping, no checkpoint written")
-        improved = best_val is None or (metric(res) > best_val if higher_is_better else metric(res) < best_val)
+        val = res[metric_name]
+        improved = best_val is None or (val > best_val if higher_is_better else val < best_val)
         if improved:
-            best_val, best_iter = metric(res), iter_num
-        rngs = gather_rng()
+            best_val, best_iter = val, iter_num
         if master:
             tqdm.write(f"iter {iter_num}: val " + ' '.join(f"{k} {v:.4f}" for k, v in res.items()) +
                        (' (best)' if improved else ''))
-            log(iter=iter_num, eval=res)
-            if improved:
-                save_checkpoint(best_path, rngs)
-            save_checkpoint(last_path, rngs)
+            log_file.write(json.dumps({'iter': iter_num, 'eval': res}) + '\n')
+        save([best_path, last_path] if improved else [last_path])
     if iter_num >= max_iters:
         break
     # one optimisation step
-    t0 = time.time()
-    lr = get_lr(iter_num)
+    t0, lr, loss_sum, n_tok = time.time(), get_lr(iter_num), torch.zeros((), device=device), 0
     for group in optimizer.param_groups:
         group['lr'] = lr
-    loss_sum = torch.zeros((), device=device)
-    n_tok = 0
     for micro in range(gradient_accumulation_steps):
         x, y, lengths = next_train_batch()
-        sync = ddp and micro == gradient_accumulation_steps - 1
-        with (model.no_sync() if ddp and not sync else nullcontext()):
+        with model.no_sync() if ddp and micro < gradient_accumulation_steps - 1 else nullcontext():  # DDP: sync last
             with ctx:
                 _, loss = model(x, y, lengths=lengths)
                 loss = loss / gradient_accumulation_steps
             scaler.scale(loss).backward()
-        loss_sum += loss.detach()
-        n_tok += x.numel()
+        loss_sum, n_tok = loss_sum + loss.detach(), n_tok + x.numel()
     if grad_clip > 0.0:
         scaler.unscale_(optimizer)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     else:
         gnorm = torch.zeros((), device=device)
-    flags = torch.stack([loss_sum, gnorm.float().to(loss_sum.device), torch.tensor(float(stop_requested), device=device)])
+    flags = torch.stack([loss_sum, gnorm.float().to(device), torch.tensor(float(stop_requested), device=device)])
     if ddp:  # every process sees the same loss, norm and stop request
         all_reduce(flags)
         flags[:2] /= world
@@ -558,89 +607,72 @@ while True:
     optimizer.zero_grad(set_to_none=True)
     if device_type == 'cuda':
         torch.cuda.synchronize()
-    dt = time.time() - t0
-    train_time += dt
-    train_tokens += n_tok * world
-    rate = n_tok * world / max(dt, 1e-9)
-    tok_rate = rate if tok_rate is None else 0.9 * tok_rate + 0.1 * rate
-    log(iter=iter_num, loss=lossf, lr=lr, dt=dt)
-    last_loss = lossf
+    dt, n_tok = time.time() - t0, n_tok * world
+    stats.update(train_time=stats['train_time'] + dt, train_tokens=stats['train_tokens'] + n_tok, last_loss=lossf)
+    tok_rate = n_tok / max(dt, 1e-9) if tok_rate is None else 0.9 * tok_rate + 0.1 * n_tok / max(dt, 1e-9)
+    if master:
+        log_file.write(json.dumps({'iter': iter_num, 'loss': lossf, 'lr': lr, 'dt': dt}) + '\n')
     iter_num += 1
     pbar.update(1)
     pbar.set_postfix(loss=f"{lossf:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_rate:,.0f}", refresh=False)
-    if stop_any and not stop_requested:
-        stop_requested = True
-    if stop_requested:
-        rngs = gather_rng()
-        if master:
-            save_checkpoint(last_path, rngs, evaluated=False)
-            pbar.close()
-            print(f"stopped at iter {iter_num}: saved {last_path}; continue with "
-                  f"`python train.py ... --init_from=resume --out_dir={out_dir}`")
-        if ddp:
-            destroy_process_group()
-        sys.exit(0)
+    if stop_any:
+        pbar.close()
+        stop(f"at iter {iter_num}")
 pbar.close()
 
 # -----------------------------------------------------------------------------
 # the end: the best checkpoint, evaluated once on test; metrics.json
 if master:
-    best = torch.load(best_path, map_location='cpu', weights_only=True)
-    raw_model.load_state_dict(best['model'])
-    has_test = 'test' in splits if task != 'lm' else os.path.exists(split_path('test'))
-    test = evaluate('test', full=True) if has_test else None
-    if not has_test:
-        print("no test split: test metric skipped")
+    raw_model.load_state_dict(checkpoint.load(best_path)['model'])
+    test, note = None, None
+    try:
+        test = evaluate('test', full=True)
+    except Interrupted as e:
+        note = f"test evaluation interrupted at {e}"
     probe = None
-    if raw_model.config.mixer == 'mipt':
+    if raw_model.config.mixer == 'mipt' and not peer:
         if task == 'lm':
-            x, _, lengths = lm_batch('val', torch.Generator().manual_seed(seed + 1), eval_bs)
+            x, _, lengths = lm_batch('val', torch.Generator().manual_seed(seed + 1), batch_size)
         else:
-            x, _, lengths = splits['val'].batch(list(range(min(eval_bs, splits['val'].n))))
+            x, _, lengths = splits['val'].batch(list(range(min(batch_size, splits['val'].n))))
         raw_model.eval()
         with torch.no_grad(), ctx:
             st = raw_model.probe(x, lengths=lengths)
         probe = {'p_mean': [float(v) for v in st['p_mean']], 'cache_fill': [float(v) for v in st['cache_fill']]}
     if device_type == 'cuda':
-        peak = torch.cuda.max_memory_allocated(device)
-        device_name = torch.cuda.get_device_name(device)
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-        device_name = f"cpu: {platform.processor() or platform.machine()} x{os.cpu_count()} " \
-                      f"({torch.get_num_threads()} threads)"
+        peak, device_name = torch.cuda.max_memory_allocated(device), torch.cuda.get_device_name(device)
+    else:  # Linux reports ru_maxrss in KiB
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        device_name = (f"cpu: {platform.processor() or platform.machine()} x{os.cpu_count()} "
+                       f"({torch.get_num_threads()} threads)")
     try:
         commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True,
                                 timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    metric_name = 'acc' if higher_is_better else 'loss'
-    metrics = {
-        'task': task, 'dataset': meta['name'], 'mixer': raw_model.config.mixer,
-        'train_config': config, 'model_config': dataclasses.asdict(raw_model.config),
-        'params': params_total, 'params_non_embedding': params_non_emb,
-        'best_val': {metric_name: best_val, 'iter': best_iter},
-        'test': test, 'iters': iter_num, 'final_train_loss': last_loss,
-        'tokens_per_sec': train_tokens / train_time if train_time else None,
-        'peak_memory_bytes': peak, 'wall_time_s': time.time() - t_start,
-        'device': device_name, 'world_size': world, 'git_commit': commit, 'probe': probe,
-        'checkpoint': best_path,
-    }
-    with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
+    metrics = {'task': task, 'dataset': meta['name'], 'mixer': raw_model.config.mixer, 'peer': peer or None,
+               'train_config': config, 'model_config': dataclasses.asdict(raw_model.config),
+               'params': params_total, 'params_non_embedding': params_non_emb,
+               'best_val': {metric_name: best_val, 'iter': best_iter}, 'test': test, 'note': note, 'iters': iter_num,
+               'final_train_loss': stats['last_loss'], 'peak_memory_bytes': peak, 'wall_time_s': time.time() - t_start,
+               'tokens_per_sec': stats['train_tokens'] / stats['train_time'] if stats['train_time'] else None,
+               'device': device_name, 'world_size': world, 'git_commit': commit, 'probe': probe,
+               'checkpoint': best_path}
+    with open(metrics_path + '.tmp', 'w') as f:
         json.dump(metrics, f, indent=2)
-    if task == 'lm':
-        print(f"best val loss {best_val:.4f} (ppl {math.exp(min(best_val, 50)):.2f}) at iter {best_iter}")
-        if test:
-            print(f"test loss {test['loss']:.4f} (ppl {test['ppl']:.2f})")
-    else:
-        print(f"best val acc {best_val:.4f} at iter {best_iter}")
-        if test:
-            print(f"test acc {test['acc']:.4f}")
+    os.replace(metrics_path + '.tmp', metrics_path)
+    ppl = (lambda v: f" (ppl {math.exp(min(v, 50.0)):.2f})") if task == 'lm' else (lambda v: '')
+    print(f"best val {metric_name} {best_val:.4f}{ppl(best_val)} at iter {best_iter}")
+    if test:
+        print(f"test {metric_name} {test[metric_name]:.4f}{ppl(test['loss'])}")
     if probe:
         print("mean p per layer: " + ' '.join(f"{v:.3f}" for v in probe['p_mean']) +
               " | cache fill: " + ' '.join(f"{v:.1f}" for v in probe['cache_fill']))
     print(f"{metrics['tokens_per_sec'] or 0:,.0f} tokens/s | peak memory {peak / 2**20:.0f} MiB | "
           f"{metrics['wall_time_s']:.0f} s")
     print(f"checkpoint: {best_path}")
-    print(f"metrics: {os.path.join(out_dir, 'metrics.json')}")
+    print(f"metrics: {metrics_path}")
+    if note:
+        die(f"{note}: {metrics_path} has test=null; `--init_from=resume --out_dir={out_dir}` evaluates test again")
 if ddp:
     destroy_process_group()

@@ -6,9 +6,11 @@ the sequence length N grows, overall and by quarter of the sequence.
     python results/phase.py --out_dir=out-lm-imdb --out=results/phase_lm_imdb.json
     python results/phase.py --out_dir=out-needle --out=results/phase_needle.json
 
-LM checkpoints read windows of N tokens from the dataset's val split; needle checkpoints read fresh
-needle sequences of length N (train.py's val seed). Both are evaluated at every N in --Ns, also past the
-training block size (a MIPT model has no positional limit).
+Needle checkpoints (a dataset made by data/needle/prepare.py, whose meta.json records its generator) read
+fresh needle sequences of length N, drawn like the dataset's val split (its seed, its span and classes);
+any other checkpoint reads windows of N tokens from its dataset's val split (LM: at random offsets;
+classification and seq sets: starting at a random document / row, running on into the next ones).
+Every N in --Ns is evaluated, also past the training block size (a MIPT model has no positional limit).
 """
 import json
 import os
@@ -18,8 +20,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoint  # noqa: E402
 from configurator import configure  # noqa: E402
-from mipt import MIPT, MIPTConfig  # noqa: E402
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'
@@ -27,37 +29,51 @@ out = ''                      # JSON file to write; '' prints only
 Ns = '128,256,512,1024,2048,4096'
 n_seq = 16                    # sequences per N
 threshold = 0.5               # s_t above this: particle phase
-seed = 2                      # for the LM windows (needle sequences use train.py's val seed)
+seed = 2                      # for the windows (needle sequences use the dataset's val seed)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 note = ''                     # free text stored in the JSON (which run the checkpoint is)
 # -----------------------------------------------------------------------------
 configure(globals(), doc=__doc__)
 
-ck = torch.load(os.path.join(out_dir, 'ckpt.pt'), map_location='cpu', weights_only=True)
-cfg = MIPTConfig(**ck['model_args'])
-if cfg.mixer != 'mipt':
-    sys.exit(f"error: {out_dir} holds an attention checkpoint; the measurement rate needs a MIPT one")
-model = MIPT(cfg)
-model.load_state_dict(ck['model'])
-model.eval().to(device)
-tc, meta = ck['train_config'], ck.get('meta') or {}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+path = os.path.join(out_dir, 'ckpt.pt')
+ck = checkpoint.load(path)
+if ck['model_args'].get('mixer') != 'mipt' or ck.get('peer'):
+    checkpoint.die(f"{path} holds a {ck.get('peer') or ck['model_args'].get('mixer')} model; the measurement rate "
+                   f"needs a MIPT one")
+model = checkpoint.build_model(ck, device, path).eval()
+cfg, tc, meta = model.config, ck['train_config'], ck.get('meta') or {}
 gen = torch.Generator().manual_seed(seed)
+needle = meta.get('generator') if (meta.get('generator') or {}).get('function') == 'make_needle' else None
+if tc['task'] == 'needle':  # a checkpoint of train.py's former in-process needle task (val seed needle_seed + 2)
+    needle = dict(vocab_size=tc['needle_vocab'], needle_span=tc['needle_span'], n_classes=tc['needle_classes'],
+                  split_seeds={'val': tc['needle_seed'] + 2})
 
 
 def sequences(N):
     """(n_seq, N) token ids."""
-    if tc['task'] == 'needle':
+    if needle:
         from data.needle import make_needle
-        return make_needle(n_seq, seq_len=N, vocab_size=tc['needle_vocab'], needle_span=tuple(tc['needle_span']),
-                           n_classes=tc['needle_classes'], seed=tc['needle_seed'] + 2)[0]  # train.py's val seed
-    path = os.path.join(tc['data_dir'] or os.path.join('data', tc['dataset']), 'val.bin')
-    data = np.memmap(path, dtype=np.dtype(meta['dtype']), mode='r')
-    ix = torch.randint(len(data) - N, (n_seq,), generator=gen).tolist()
+        kw = {k: needle[k] for k in ('vocab_size', 'noise_lo', 'n_classes', 'ids_per_class', 'first_id') if k in needle}
+        return make_needle(n_seq, seq_len=N, needle_span=tuple(needle['needle_span']),
+                           seed=needle['split_seeds']['val'], **kw)[0]
+    data_dir = tc.get('data_dir') or os.path.join(ROOT, 'data', tc['dataset'])
+    data = np.memmap(os.path.join(data_dir, 'val.bin'), dtype=np.dtype(meta['dtype']), mode='r')
+    if tc['task'] == 'classify':
+        starts = np.load(os.path.join(data_dir, 'val.idx.npy'))[:-1]
+    elif tc['task'] == 'seq':
+        starts = np.arange(0, len(data), meta['seq_len'])
+    else:
+        starts = np.arange(max(len(data) - N, 0))
+    starts = starts[starts + N <= len(data)]
+    if not len(starts):
+        checkpoint.die(f"{data_dir}/val.bin holds {len(data)} tokens: too few for windows of N={N}")
+    ix = starts[torch.randint(len(starts), (n_seq,), generator=gen)].tolist()
     return torch.stack([torch.from_numpy(data[i:i + N].astype(np.int64)) for i in ix])
 
 
 res = {'out_dir': out_dir, 'note': note, 'task': tc['task'],
-       'dataset': 'needle' if tc['task'] == 'needle' else tc.get('dataset'), 'block_size': cfg.block_size,
+       'dataset': meta.get('name', tc.get('dataset')), 'block_size': cfg.block_size,
        'n_layer': cfg.n_layer, 'K': cfg.cache_size, 'threshold': threshold, 'n_seq': n_seq, 'by_N': {}}
 ctx = torch.autocast('cuda', dtype=torch.bfloat16) if 'cuda' in device else torch.autocast('cpu', enabled=False)
 for N in [int(n) for n in Ns.split(',')]:

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# This turn's recall runs (issues #9 and #10), several at once on one GPU. Every run is
+# `python train.py <config> --key=value ...` and writes RUNS/<name>/metrics.json with its command in
+# RUNS/<name>/command.txt; results/collect.py gathers them, results/summarize.py reads the gathered files.
+#   usage: [ONLY=REGEX] bash results/recall.sh RUNS [JOBS] SET
+#   SET needle : the needle at N=512 (paper demo): the selection-signal ablation (cache_explore R) at K=4,
+#                K=1/16, the unbounded cache (tau, p_penalty), the paper's mean read-out, the twin; 3 seeds
+#   SET long   : the needle anywhere in N=2048 (MIPT K=16 with 1 and 2 layers, the twin), 3 seeds
+#   SET lm     : the language models with and without the signal (shakespeare_char baby GPT; IMDB LM at
+#                1000 iterations, K=64)
+#   SET mqar   : MQAR (Zoology) at (L, N) = (512, 64), d_model 128, 2 layers: MIPT K=0/64/128, the twin,
+#                and the flash-linear-attention peers when installed (shrunk budget, see README)
+# The data: python data/needle/prepare.py; python data/needle/prepare.py --seq_len 2048 --span 0.0 1.0
+# --out_dir data/needle2048; python data/mqar/prepare.py; python data/{shakespeare_char,imdb}/prepare.py
+set -u
+root=${1:?RUNS directory}; jobs=${2:-8}; set=${3:?SET}; PY=${PY:-python}
+mkdir -p "$root"
+cmds=()
+if [ "$set" = needle ]; then
+  for seed in 1 2 3; do
+    for R in 0 16 64 128 -1; do
+      cmds+=("$PY train.py config/needle.py --cache_size=4 --cache_explore=$R --seed=$seed --out_dir=$root/needle-K4-R$R-s$seed")
+    done
+    for K in 1 16; do cmds+=("$PY train.py config/needle.py --cache_size=$K --seed=$seed --out_dir=$root/needle-K$K-s$seed"); done
+    for tau in 0.3 0.5 0.7; do for pen in 0.0 0.1; do
+      cmds+=("$PY train.py config/needle.py --cache_size=-1 --cache_tau=$tau --p_penalty=$pen --seed=$seed --out_dir=$root/needle-Kinf-tau$tau-pen$pen-s$seed")
+    done; done
+    for K in 0 4; do cmds+=("$PY train.py config/needle.py --readout=mean --cache_size=$K --seed=$seed --out_dir=$root/needle-mean-K$K-s$seed"); done
+    cmds+=("$PY train.py config/needle.py --mixer=attention --cache_size=0 --seed=$seed --out_dir=$root/needle-attn-s$seed")
+  done
+fi
+if [ "$set" = long ]; then
+  n2048="config/needle.py --dataset=needle2048 --block_size=2048 --cache_size=16"
+  for seed in 1 2 3; do
+    for L in 1 2; do cmds+=("$PY train.py $n2048 --n_layer=$L --seed=$seed --out_dir=$root/needle2048-L$L-K16-s$seed"); done
+  done
+  cmds+=("$PY train.py $n2048 --mixer=attention --cache_size=0 --seed=1 --out_dir=$root/needle2048-attn-s1")
+fi
+if [ "$set" = lm ]; then
+  cmds+=("$PY train.py config/train_shakespeare_char.py --out_dir=$root/shakespeare-K16-R64")
+  lm="config/lm_imdb.py --max_iters=1000 --lr_decay_iters=1000 --warmup_iters=100 --eval_interval=100 --cache_size=64"
+  for R in 0 64; do cmds+=("$PY train.py $lm --cache_explore=$R --out_dir=$root/lmimdb-K64-R$R"); done
+fi
+if [ "$set" = mqar ]; then
+  mq="config/mqar.py"
+  for K in 0 64 128; do cmds+=("$PY train.py $mq --cache_size=$K --out_dir=$root/mqar-K$K"); done
+  cmds+=("$PY train.py $mq --mixer=attention --cache_size=0 --out_dir=$root/mqar-attn")
+  for p in gated_deltanet mamba2 gla; do cmds+=("$PY train.py $mq --cache_size=0 --peer=$p --out_dir=$root/mqar-$p"); done
+fi
+run_one() {  # run one command, logging it beside its run
+  local cmd=$1 dir=${1##*--out_dir=}
+  dir=${dir%% *}
+  mkdir -p "$dir"
+  echo "$cmd" > "$dir/command.txt"
+  $cmd > "$dir/stdout.txt" 2>&1 || echo "FAILED ($?): $cmd"
+}
+export -f run_one
+printf '%s\n' "${cmds[@]}" | grep -E "${ONLY:-.}" | xargs -d '\n' -P "$jobs" -I{} bash -c 'run_one "$@"' _ {}
+echo "done: $set"
