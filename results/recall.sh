@@ -5,7 +5,7 @@
 #   usage: [ONLY=REGEX] bash results/recall.sh RUNS [JOBS] SET
 #   SET needle : the needle at N=512 (paper demo): the selection-signal ablation (cache_explore R) at K=4,
 #                K=1/16, the unbounded cache (tau, p_penalty), the paper's mean read-out, the twin; 3 seeds
-#   SET long   : the needle anywhere in N=2048 (MIPT K=16 with 1 and 2 layers, the twin), 3 seeds
+#   SET long   : the needle anywhere in N=2048 (MIPT K=16, R=512, 1 layer, 3 seeds; the twin, seed 1)
 #   SET lm     : the language models with and without the signal (shakespeare_char baby GPT; IMDB LM at
 #                1000 iterations, K=64)
 #   SET mqar   : MQAR (Zoology) at (L, N) = (512, 64), d_model 128, 2 layers: MIPT K=0/64/128, the twin,
@@ -13,6 +13,7 @@
 # The data: python data/needle/prepare.py; python data/needle/prepare.py --seq_len 2048 --span 0.0 1.0
 # --out_dir data/needle2048; python data/mqar/prepare.py; python data/{shakespeare_char,imdb}/prepare.py
 set -u
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # many runs share the CPUs
 root=${1:?RUNS directory}; jobs=${2:-8}; set=${3:?SET}; PY=${PY:-python}
 mkdir -p "$root"
 cmds=()
@@ -22,19 +23,17 @@ if [ "$set" = needle ]; then
       cmds+=("$PY train.py config/needle.py --cache_size=4 --cache_explore=$R --seed=$seed --out_dir=$root/needle-K4-R$R-s$seed")
     done
     for K in 1 16; do cmds+=("$PY train.py config/needle.py --cache_size=$K --seed=$seed --out_dir=$root/needle-K$K-s$seed"); done
-    for tau in 0.3 0.5 0.7; do for pen in 0.0 0.1; do
-      cmds+=("$PY train.py config/needle.py --cache_size=-1 --cache_tau=$tau --p_penalty=$pen --seed=$seed --out_dir=$root/needle-Kinf-tau$tau-pen$pen-s$seed")
-    done; done
+    for tau in 0.15 0.2 0.3; do
+      cmds+=("$PY train.py config/needle.py --cache_size=-1 --cache_tau=$tau --seed=$seed --out_dir=$root/needle-Kinf-tau$tau-pen0.0-s$seed")
+    done
     for K in 0 4; do cmds+=("$PY train.py config/needle.py --readout=mean --cache_size=$K --seed=$seed --out_dir=$root/needle-mean-K$K-s$seed"); done
     cmds+=("$PY train.py config/needle.py --mixer=attention --cache_size=0 --seed=$seed --out_dir=$root/needle-attn-s$seed")
   done
 fi
-if [ "$set" = long ]; then
-  n2048="config/needle.py --dataset=needle2048 --block_size=2048 --cache_size=16"
-  for seed in 1 2 3; do
-    for L in 1 2; do cmds+=("$PY train.py $n2048 --n_layer=$L --seed=$seed --out_dir=$root/needle2048-L$L-K16-s$seed"); done
-  done
-  cmds+=("$PY train.py $n2048 --mixer=attention --cache_size=0 --seed=1 --out_dir=$root/needle2048-attn-s1")
+if [ "$set" = long ]; then  # R=512: a quarter of the 2048 positions explored, as R=128 of 512 at N=512
+  n2048="config/needle.py --dataset=needle2048 --block_size=2048 --cache_size=16 --cache_explore=512"
+  for seed in 1 2 3; do cmds+=("$PY train.py $n2048 --seed=$seed --out_dir=$root/needle2048-L1-K16-R512-s$seed"); done
+  cmds+=("$PY train.py config/needle.py --dataset=needle2048 --block_size=2048 --mixer=attention --cache_size=0 --seed=1 --out_dir=$root/needle2048-attn-s1")
 fi
 if [ "$set" = lm ]; then
   cmds+=("$PY train.py config/train_shakespeare_char.py --out_dir=$root/shakespeare-K16-R64")
@@ -50,6 +49,7 @@ fi
 run_one() {  # run one command, logging it beside its run
   local cmd=$1 dir=${1##*--out_dir=}
   dir=${dir%% *}
+  [ -f "$dir/metrics.json" ] && { echo "done already: $dir"; return; }  # a finished run is never redone
   mkdir -p "$dir"
   echo "$cmd" > "$dir/command.txt"
   $cmd > "$dir/stdout.txt" 2>&1 || echo "FAILED ($?): $cmd"
