@@ -645,9 +645,9 @@ if master:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         device_name = (f"cpu: {platform.processor() or platform.machine()} x{os.cpu_count()} "
                        f"({torch.get_num_threads()} threads)")
-    try:
-        commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
+    try:  # $MIPT_COMMIT names the commit of a copied tree whose git metadata is stale (a GPU machine's copy)
+        commit = os.environ.get('MIPT_COMMIT') or subprocess.run(
+            ['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
     metrics = {'task': task, 'dataset': meta['name'], 'mixer': raw_model.config.mixer, 'peer': peer or None,
