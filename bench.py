@@ -1,8 +1,15 @@
 """
 Benchmarks on one GPU, in one process. Writes results/bench.json and results/bench.md.
 
-    python bench.py                          # every section
-    python bench.py --sections=scan,train    # some of: copy, scan, train, decode, memory
+    python bench.py                          # every section; meant to fit 9 minutes on an H200 (see budget_s)
+    python bench.py --sections=scan,train    # some of: copy, scan, train, decode, memory, mixers, batchdecode, trainmix
+    python bench.py --quick=True             # one shape per section, a smoke test (writes to out-bench-quick/)
+    python bench.py --trainmix_compile=True  # trainmix with every block torch.compile'd, in both models alike
+
+Options (--key=value): sections, out_dir, reps, quick, budget_s, trainmix_compile, mixer_shapes, mixer_peers,
+batchdecode_batch, batchdecode_context, decode_tokens_n, trainmix_T. budget_s (default 520): a cell that would
+start later than this many seconds into the run is skipped and marked 'skipped' (0 = no limit), so that the run
+ends, saves and prints its tables inside a 10-minute slot.
 
 Sections
     copy    device-to-device copy bandwidth: the memory ceiling every byte floor below divides by
@@ -15,10 +22,37 @@ Sections
     decode  batch-1 decoding after 1k, 8k and 64k tokens of context: tokens/s and memory (MIPT eager and
             through one CUDA graph per token, model.graphed_step)
     memory  peak training memory of the paper's classification model (d=128, 2 layers) against N
+    mixers  one mixer layer alone, forward and forward+backward under bf16 autocast, D=1024, 8 heads, (B, T) in
+            mixer_shapes (16,384 tokens at T = 2k, 8k, 32k, and B = 8 at each T): MIPT K=0 and K=64
+            (mipt.MIPTLayer), SDPA attention (mipt.SelfAttention) and, when flash-linear-attention is installed,
+            its HGRN, GLA, Mamba2 and Gated DeltaNet (peers.py; each warmed up, i.e. autotuned, per shape before
+            timing). ms, tokens/s, peak GB and each layer's decoding state per sequence
+    batchdecode  decoding tokens/s at batch 1, 16, 128 after 8k and 64k tokens of context, the LM of `decode`:
+            MIPT K=64 (one CUDA graph per token when the model allows) against the Transformer twin (KV cache,
+            eager). The context is prefilled once (batch 1) and its state copied to every row: decoding costs
+            the same whatever the rows hold. A twin whose KV cache would pass 100 GB is skipped unallocated
+    trainmix  the train step where the mixer dominates: D=1024, 8 layers, 8 heads, an 8,192-word vocabulary,
+            T = 8k and 32k (16,384 tokens per step, at least one row), MIPT K=64 against the SDPA twin and the
+            no-mixer floor; trainmix_compile=True compiles every block of every model alike
 
-Timings: CUDA events after warm-up, medians, random inputs (never zeros).
+Targets (bench.json 'targets', each {measured, goal, met}): fused_fwd_over_floor <= 1.3 and
+fused_fwdbwd_over_floor <= 1.4 (scan, 8x1024x8192), fused_fwdbwd_peak_GB <= 2.5, train_T2048_mipt_over_sdpa_tokens_per_s
+>= 1 (train), memory_mipt_over_sdpa_max <= 1 (memory, worst N), decode_state_relative_spread <= 0.01 (decode),
+cache_over_recurrence_fwdbwd <= 1 ((K64 - K0) / K0 fwd+bwd, mixers, worst shape), mipt_over_best_peer_T8192 >= 1
+(mixers, tokens/s at 2x8192 against the fastest fla peer), decode_B128_64k_mipt_over_attention >= 5 and
+decode_B1_graphed_tokens_per_s >= 3000 (batchdecode, worst context), train_mixerbound_T8192_mipt_over_sdpa >= 1.5
+(trainmix, with the no-mixer ceiling beside it).
+
+Optional peers (rows skipped when missing): flash-linear-attention for `mixers` (peers.py) and accelerated-scan
+for `scan`. Offline, from the wheels in .whl/:
+    pip install --no-index --no-deps --find-links .whl fla-core flash-linear-attention accelerated-scan
+
+Every section saves results/bench.json when it ends; a cell that runs out of GPU memory is recorded as 'OOM'
+and the run goes on. Timings: CUDA events after warm-up, medians, random inputs (never zeros).
 """
 
+import ast
+import gc
 import json
 import os
 import statistics
@@ -33,21 +67,106 @@ import mipt
 from mipt import MIPT, MIPTConfig
 
 # -----------------------------------------------------------------------------
-sections = 'copy,scan,train,decode,memory'
+sections = 'copy,scan,train,decode,memory,mixers,batchdecode,trainmix'
 out_dir = 'results'
 reps = 20
+quick = False                  # one shape per section (and reps=5), written to out-bench-quick/ unless out_dir is given
+budget_s = 520.0               # skip cells that would start after this many seconds (0: no limit)
 SCAN_SHAPES = [(8, 1024, 2048), (8, 1024, 8192), (1, 1024, 65536)]  # (B, D, T)
 TRAIN_T = [512, 2048, 8192, 16384]
 TRAIN_TOKENS = 16384           # tokens per training step, B = TRAIN_TOKENS // T
 DECODE_CONTEXT = [1024, 8192, 65536]
 MEMORY_N = [512, 1024, 2048, 4096, 8192, 16384]
 MEMORY_BATCH = 8
-for arg in sys.argv[1:]:  # --key=value overrides of the globals above
-    key, _, val = arg.lstrip('-').partition('=')
-    if key not in globals() or key.startswith('_') or not _:
-        raise SystemExit(f"bench.py: unknown option {arg!r}; options: sections, out_dir, reps")
-    globals()[key] = type(globals()[key])(val)
+MIXER_D = 1024
+MIXER_HEADS = 8
+mixer_shapes = '2x8192,8x2048,1x32768,8x8192,8x32768'  # BxT; 2x8192 first (a target needs it)
+mixer_peers = 'hgrn,gla,mamba2,gated_deltanet'         # fla peers (peers.py), when installed
+batchdecode_batch = '1,16,128'
+batchdecode_context = '8192,65536'
+decode_tokens_n = 64           # tokens decoded per row in batchdecode
+KV_LIMIT_BYTES = 100e9         # batchdecode: skip a Transformer cell whose KV cache would pass this
+trainmix_T = '8192,32768'
+TRAINMIX_TOKENS = 16384
+TRAINMIX_VOCAB = 8192
+trainmix_compile = False
+SECTIONS = ('copy', 'scan', 'train', 'decode', 'memory', 'mixers', 'batchdecode', 'trainmix')
+OPTIONS = ('sections', 'out_dir', 'reps', 'quick', 'budget_s', 'trainmix_compile', 'mixer_shapes', 'mixer_peers',
+           'batchdecode_batch', 'batchdecode_context', 'decode_tokens_n', 'trainmix_T')
 # -----------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    """--key=value overrides of the options above (bools take True/False/1/0)."""
+    g = globals()
+    given = set()
+    for arg in argv:
+        key, _, val = arg.lstrip('-').partition('=')
+        if key not in OPTIONS or not _:
+            raise SystemExit(f"bench.py: unknown option {arg!r}; options: {', '.join(OPTIONS)} (as --key=value)")
+        old = g[key]
+        if isinstance(old, bool):
+            if val.lower() not in ('true', 'false', '1', '0'):
+                raise SystemExit(f"bench.py: --{key} takes True or False, got {val!r}")
+            g[key] = val.lower() in ('true', '1')
+        elif isinstance(old, (list, tuple)):
+            g[key] = type(old)(ast.literal_eval(val))
+        else:
+            try:
+                g[key] = type(old)(val)
+            except ValueError:
+                raise SystemExit(f"bench.py: --{key} takes a {type(old).__name__}, got {val!r}")
+        given.add(key)
+    unknown = [s for s in g['sections'].split(',') if s not in SECTIONS]
+    if unknown:
+        raise SystemExit(f"bench.py: unknown section(s) {', '.join(unknown)}; sections: {', '.join(SECTIONS)}")
+    if g['quick']:
+        g.update(SCAN_SHAPES=[(8, 1024, 2048)], TRAIN_T=[2048], DECODE_CONTEXT=[1024], MEMORY_N=[1024])
+        for key, val in [('reps', 5), ('out_dir', 'out-bench-quick'), ('mixer_shapes', '2x8192'),
+                         ('batchdecode_batch', '16'), ('batchdecode_context', '8192'), ('trainmix_T', '8192'),
+                         ('decode_tokens_n', 16)]:
+            if key not in given:
+                g[key] = val
+
+
+def ints(text):
+    return [int(v) for v in str(text).split(',') if v.strip()]
+
+
+def shapes(text):
+    """'8x2048,2x8192' -> [(8, 2048), (2, 8192)]"""
+    return [tuple(int(v) for v in item.lower().split('x')) for item in text.split(',') if item.strip()]
+
+
+_T0 = time.perf_counter()
+_RES = {}              # the results of the run so far, saved as cells finish
+_SECTION = None        # the section now running
+_LAST_SAVE = 0.0
+
+
+def section_rows():
+    """The running section's list of rows, placed in the results at once so that checkpoint() saves them."""
+    rows = []
+    if _SECTION is not None:
+        _RES[_SECTION] = rows
+    return rows
+
+
+def checkpoint(every_s=15.0):
+    """Save the results so far (at most every every_s seconds), so that a run cut off mid-section keeps them."""
+    global _LAST_SAVE
+    if _RES and time.perf_counter() - _LAST_SAVE > every_s:
+        save(_RES)
+        _LAST_SAVE = time.perf_counter()
+
+
+def over_budget():
+    return budget_s > 0 and time.perf_counter() - _T0 > budget_s
+
+
+def cleanup():
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def timed(fn, n=None):
@@ -81,8 +200,28 @@ def oom_guard(fn):
     try:
         return fn()
     except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
+        cleanup()
         return 'OOM'
+
+
+def cell(row, fields, fn):
+    """Run one measurement cell into row: 'skipped' past the time budget, 'OOM' when out of GPU memory,
+    'error' (with the message in row['error']) on any other failure, so that the section goes on."""
+    if over_budget():
+        row.update({f: 'skipped' for f in fields})
+        row['note'] = 'time budget'
+        return
+    try:
+        fn()
+    except torch.cuda.OutOfMemoryError:
+        row.update({f: 'OOM' for f in fields if not isinstance(row.get(f), float)})
+    except Exception as exc:  # a kernel that fails to compile, a missing feature: record it, go on
+        row.update({f: 'error' for f in fields if not isinstance(row.get(f), float)})
+        row['error'] = f'{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ""}'
+        print(f"!! {row}", flush=True)
+    finally:
+        cleanup()
+        checkpoint()
 
 
 def bench_copy():
@@ -100,7 +239,7 @@ def scan_inputs(B, T, D, requires_grad=False):
 
 
 def bench_scan(bw):
-    rows = []
+    rows = section_rows()
     try:
         from accelerated_scan.complex import scan as acc_scan
     except ImportError:
@@ -109,6 +248,10 @@ def bench_scan(bw):
     for B, D, T in SCAN_SHAPES:
         n = B * T * D
         row = {'B': B, 'D': D, 'T': T}
+        if over_budget():
+            row['note'] = 'skipped: time budget'
+            rows.append(row)
+            continue
         xs = scan_inputs(B, T, D)
         dy = torch.randn(B, T, D, device='cuda')
 
@@ -137,7 +280,9 @@ def bench_scan(bw):
         if acc_scan is not None:
             row.update(bench_accelerated_scan(acc_scan, xs, dy, B, T, D, bw))
         rows.append(row)
-        print(row)
+        print(row, flush=True)
+        xs = dy = None
+        cleanup()
     return rows
 
 
@@ -188,158 +333,488 @@ class NoMixer(torch.nn.Module):
         return x, None, None
 
 
+def train_row(row, model, B, T, vocab):
+    """Time one AdamW step of model on (B, T) random tokens under bf16 autocast into row."""
+    opt = model.configure_optimizers(0.1, 3e-4, (0.9, 0.95), 'cuda')
+    idx = torch.randint(0, vocab, (B, T + 1), device='cuda')
+
+    def train_step():
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    try:
+        row['ms'] = timed(train_step, n=5)
+        row['tokens_per_s'] = B * T / row['ms'] * 1e3
+        row['peak_GB'] = peak(train_step) / 1e9
+    finally:
+        opt.zero_grad(set_to_none=True)
+
+
 def bench_train():
-    rows = []
+    rows = section_rows()
     for T in TRAIN_T:
         B = max(1, TRAIN_TOKENS // T)
         for name, mixer, impl in [('mipt_K64', 'mipt', 'sdpa'), ('attention_sdpa', 'attention', 'sdpa'),
                                   ('attention_naive', 'attention', 'naive'), ('no_mixer', 'attention', 'sdpa')]:
             row = {'T': T, 'B': B, 'model': name}
-            model = MIPT(lm_config(mixer, T, impl)).cuda()
-            if name == 'no_mixer':
-                for block in model.blocks:
-                    block.mix = NoMixer()
-            row['params'] = model.get_num_params(non_embedding=False)
-            opt = model.configure_optimizers(0.1, 3e-4, (0.9, 0.95), 'cuda')
-            idx = torch.randint(0, 100277, (B, T + 1), device='cuda')
-
-            def train_step():
-                with torch.autocast('cuda', dtype=torch.bfloat16):
-                    _, loss = model(idx[:, :-1], idx[:, 1:])
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
 
             def run():
-                row['ms'] = timed(train_step, n=5)
-                row['tokens_per_s'] = B * T / row['ms'] * 1e3
-                row['peak_GB'] = peak(train_step) / 1e9
-            if oom_guard(run) == 'OOM':
-                row['ms'] = row['tokens_per_s'] = row['peak_GB'] = 'OOM'
+                model = MIPT(lm_config(mixer, T, impl)).cuda()
+                if name == 'no_mixer':
+                    for block in model.blocks:
+                        block.mix = NoMixer()
+                row['params'] = model.get_num_params(non_embedding=False)
+                train_row(row, model, B, T, 100277)
+            cell(row, ('ms', 'tokens_per_s', 'peak_GB'), run)
             rows.append(row)
-            print(row)
-            del model, opt
-            torch.cuda.empty_cache()
+            print(row, flush=True)
     return rows
 
 
+def bench_trainmix():
+    """The train step at D=1024, 8 layers and a small vocabulary, so that the mixer dominates it."""
+    rows = section_rows()
+    for T in ints(trainmix_T):
+        B = max(1, TRAINMIX_TOKENS // T)
+        for name, mixer in [('mipt_K64', 'mipt'), ('attention_sdpa', 'attention'), ('no_mixer', 'attention')]:
+            row = {'T': T, 'B': B, 'model': name, 'compiled': trainmix_compile}
+
+            def run():
+                cfg = MIPTConfig(vocab_size=TRAINMIX_VOCAB, block_size=T, n_layer=8, n_embd=1024, n_head=8,
+                                 mixer=mixer, cache_size=64 if mixer == 'mipt' else 0)
+                model = MIPT(cfg).cuda()
+                if name == 'no_mixer':
+                    for block in model.blocks:
+                        block.mix = NoMixer()
+                row['params'] = model.get_num_params(non_embedding=False)
+                if trainmix_compile:
+                    for block in model.blocks:  # the same treatment for every model
+                        block.compile()
+                train_row(row, model, B, T, TRAINMIX_VOCAB)
+            cell(row, ('ms', 'tokens_per_s', 'peak_GB'), run)
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Decoding
+
+
+def _nbytes(state):
+    return MIPT.state_bytes(state)
+
+
+def decode_tokens(model, prompt, n, batch=1, graph=True):
+    """n greedy tokens per row after prompt (1, T), copied to `batch` rows, through model.decode (the model's one
+    decoding loop: a parallel prefill, then one step per token, replayed as a CUDA graph when graph and the model
+    allows it) under bf16 autocast. Returns (tokens (batch, n), seconds of the last n - 2 steps, decoding state
+    bytes): the clock starts at the second token, after prefill, graph capture and the first steps."""
+    assert n >= 3, 'time at least one step after the first two'
+    out, t0 = [], None
+    with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
+        for i, d in enumerate(model.decode(prompt.expand(batch, -1), n, temperature=0, want_s=True, graph=graph)):
+            out.append(d.token)
+            if i == 1:
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+        torch.cuda.synchronize()
+        secs = time.perf_counter() - t0
+    return torch.stack(out, 1), secs * n / (n - 2), _nbytes(d.state)
+
+
 def bench_decode():
-    rows = []
+    rows = section_rows()
     for ctx in DECODE_CONTEXT:
         for name, mixer in [('mipt_K64', 'mipt'), ('mipt_K64_graph', 'mipt'), ('attention_sdpa', 'attention')]:
-            model = MIPT(lm_config(mixer, ctx + 256)).cuda().eval()
-            prompt = torch.randint(0, 100277, (1, ctx), device='cuda')
             row = {'context': ctx, 'model': name}
 
             def run():
-                with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
-                    _, state = model.prefill(prompt)
-                    graphed = model.graphed_step(state, torch.bfloat16) if name.endswith('graph') else None
-                    tok = prompt[:, -1]
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    for _ in range(64):
-                        logits, state = graphed(tok) if graphed else model.step(tok, state)
-                        tok = logits.argmax(-1)
-                    torch.cuda.synchronize()
-                row['tokens_per_s'] = 64 / (time.perf_counter() - t0)
-                row['state_MB'] = model.state_bytes(state) / 1e6
-            if oom_guard(run) == 'OOM':
-                row['tokens_per_s'] = row['state_MB'] = 'OOM'
+                model = MIPT(lm_config(mixer, ctx + 256)).cuda().eval()
+                prompt = torch.randint(0, 100277, (1, ctx), device='cuda')
+                _, secs, nbytes = decode_tokens(model, prompt, 64, graph=name.endswith('graph'))
+                row['tokens_per_s'] = 64 / secs
+                row['state_MB'] = nbytes / 1e6
+            cell(row, ('tokens_per_s', 'state_MB'), run)
             rows.append(row)
-            print(row)
-            del model
-            torch.cuda.empty_cache()
+            print(row, flush=True)
+    return rows
+
+
+def bench_batchdecode():
+    """Decoding tokens/s against batch and context, the LM of bench_decode: MIPT K=64 through one CUDA graph per
+    token (when graphable) against the Transformer twin's eager KV-cache step."""
+    rows = section_rows()
+    n = decode_tokens_n
+    for ctx in ints(batchdecode_context):
+        for name, mixer in [('mipt_K64_graph', 'mipt'), ('attention_sdpa', 'attention')]:
+            for B in ints(batchdecode_batch):
+                row = {'context': ctx, 'batch': B, 'model': name}
+                cfg = lm_config(mixer, ctx + n + 8)
+                if mixer == 'attention':  # the KV cache at the end, bf16: B x T x (k, v) x layers x D x 2 bytes
+                    kv = B * (ctx + n + 2) * 2 * cfg.n_layer * cfg.n_embd * 2
+                    row['state_MB'] = kv / 1e6
+                    if kv > KV_LIMIT_BYTES:
+                        row['tokens_per_s'] = row['ms_per_step'] = row['peak_GB'] = 'skipped'
+                        row['note'] = f'KV cache {kv / 1e9:.0f} GB > {KV_LIMIT_BYTES / 1e9:.0f} GB, not allocated'
+                        rows.append(row)
+                        print(row, flush=True)
+                        continue
+
+                def run():
+                    model = MIPT(cfg).cuda().eval()
+                    prompt = torch.randint(0, 100277, (1, ctx), device='cuda')
+                    row['graphed'] = bool(getattr(model, 'graphable', lambda: False)())
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    _, secs, nbytes = decode_tokens(model, prompt, n, batch=B, graph=True)
+                    row['tokens_per_s'] = B * n / secs
+                    row['ms_per_step'] = secs / n * 1e3
+                    row['state_MB'] = nbytes / 1e6
+                    row['peak_GB'] = torch.cuda.max_memory_allocated() / 1e9
+                cell(row, ('tokens_per_s', 'ms_per_step', 'peak_GB'), run)
+                rows.append(row)
+                print(row, flush=True)
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# One mixer layer alone
+
+
+def mixer_layers():
+    """[(name, build, state bytes per sequence at context T, impl)] for the mixers section."""
+    D, H = MIXER_D, MIXER_HEADS
+
+    def mipt_mixer(mixer, K):
+        def build():  # initialised as in a model (p_init bias, small theta); one layer, a token vocabulary of 64
+            cfg = MIPTConfig(vocab_size=64, block_size=65536, n_layer=1, n_embd=D, n_head=H, mixer=mixer,
+                             cache_size=K)
+            return MIPT(cfg).blocks[0].mix
+        return build
+
+    def mipt_state(K):
+        layer = mipt.MIPTLayer(MIPTConfig(n_embd=D, n_head=H, cache_size=K))
+        nbytes = _nbytes(layer.init_state(1, 'cpu', torch.bfloat16))  # bf16 decoding, as in `decode`
+        return lambda T: nbytes
+
+    layers = [('mipt_K0', mipt_mixer('mipt', 0), mipt_state(0), 'mipt'),
+              ('mipt_K64', mipt_mixer('mipt', 64), mipt_state(64), 'mipt'),
+              ('attention_sdpa', mipt_mixer('attention', 0), lambda T: 2 * T * D * 2, 'sdpa')]  # bf16 K and V
+    try:
+        import peers
+    except ImportError:
+        peers = None
+    want = [p for p in mixer_peers.split(',') if p]
+    if peers is None or not peers.available():
+        why = 'peers.py missing' if peers is None else peers._FLA_ERROR
+        print(f"flash-linear-attention not importable ({why}): the fla peers' rows are skipped "
+              f"(`{getattr(peers, 'INSTALL', 'pip install flash-linear-attention fla-core')}`)")
+        return layers, None
+    for name in want:
+        if name not in peers.PEERS:
+            raise SystemExit(f"bench.py: unknown peer {name!r} in mixer_peers; peers: {', '.join(peers.PEERS)}")
+        nbytes = peers.state_bytes(name, D, H)
+        layers.append((f'fla_{name}', lambda name=name: peers.make_mixer(name, D, H), lambda T, b=nbytes: b, 'fla'))
+    return layers, peers
+
+
+def bench_mixers():
+    rows = section_rows()
+    D = MIXER_D
+    layers, peers = mixer_layers()
+    built = {}
+    warmed = set()
+    for B, T in shapes(mixer_shapes):
+        x = torch.randn(B, T, D, device='cuda', requires_grad=True)  # a LayerNorm's output: fp32 under autocast
+        dys = {}
+        for name, build, state, kind in layers:
+            row = {'B': B, 'T': T, 'tokens': B * T, 'layer': name}
+
+            def run():
+                if name not in built:
+                    built[name] = build().cuda()
+                layer = built[name]
+                row['params'] = sum(p.numel() for p in layer.parameters())
+                if hasattr(layer, 'impl'):
+                    row['impl'] = layer.impl
+                row['state_bytes'] = state(T)
+
+                def fwd():
+                    with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
+                        return layer(x)[0]
+
+                def fwd_bwd():
+                    x.grad = None
+                    with torch.autocast('cuda', dtype=torch.bfloat16):
+                        out = layer(x)[0]
+                    dy = dys.get(out.dtype)
+                    if dy is None:
+                        dy = dys[out.dtype] = torch.randn(out.shape, device='cuda', dtype=out.dtype)
+                    out.backward(dy)
+
+                if (name, B, T) not in warmed:  # compile, autotune (fla: Triton, can take minutes), allocate
+                    t0 = time.perf_counter()
+                    if peers is not None and kind == 'fla':
+                        peers.warmup(layer, B, T, D, 'cuda', torch.bfloat16)
+                    fwd_bwd()
+                    fwd()
+                    torch.cuda.synchronize()
+                    row['warmup_s'] = time.perf_counter() - t0
+                    warmed.add((name, B, T))
+                row['fwd_ms'] = timed(fwd)
+                row['fwdbwd_ms'] = timed(fwd_bwd)
+                row['tokens_per_s'] = B * T / row['fwdbwd_ms'] * 1e3
+                layer.zero_grad(set_to_none=True)
+                x.grad = None
+                row['peak_GB'] = peak(fwd_bwd) / 1e9
+                layer.zero_grad(set_to_none=True)
+                x.grad = None
+            cell(row, ('fwd_ms', 'fwdbwd_ms', 'tokens_per_s', 'peak_GB'), run)
+            if name in built:
+                built[name].zero_grad(set_to_none=True)
+            x.grad = None
+            rows.append(row)
+            print(row, flush=True)
+        x = dys = None
+        cleanup()
     return rows
 
 
 def bench_memory():
     """The paper's peak-memory figure: its classification model (d=128, 2 layers, K=16), batch MEMORY_BATCH."""
-    rows = []
+    rows = section_rows()
     for N in MEMORY_N:
         for name, mixer, impl in [('mipt_K16', 'mipt', 'sdpa'), ('attention_sdpa', 'attention', 'sdpa'),
                                   ('attention_naive', 'attention', 'naive')]:
-            cfg = MIPTConfig(vocab_size=100352, block_size=N, n_layer=2, n_embd=128, n_head=4, mixer=mixer,
-                             attn_impl=impl, cache_size=16 if mixer == 'mipt' else 0, n_classes=4)
-            model = MIPT(cfg).cuda()
-            idx = torch.randint(0, 100277, (MEMORY_BATCH, N), device='cuda')
-            y = torch.randint(0, 4, (MEMORY_BATCH,), device='cuda')
+            row = {'N': N, 'model': name, 'batch': MEMORY_BATCH}
 
-            def step():
-                _, loss = model(idx, y)   # float32, as the paper's classifier
-                loss.backward()
-            mem = oom_guard(lambda: peak(step) / 1e6)
-            rows.append({'N': N, 'model': name, 'batch': MEMORY_BATCH, 'peak_MB': mem})
-            print(rows[-1])
-            del model
-            torch.cuda.empty_cache()
+            def run():
+                cfg = MIPTConfig(vocab_size=100352, block_size=N, n_layer=2, n_embd=128, n_head=4, mixer=mixer,
+                                 attn_impl=impl, cache_size=16 if mixer == 'mipt' else 0, n_classes=4)
+                model = MIPT(cfg).cuda()
+                idx = torch.randint(0, 100277, (MEMORY_BATCH, N), device='cuda')
+                y = torch.randint(0, 4, (MEMORY_BATCH,), device='cuda')
+
+                def step():
+                    _, loss = model(idx, y)   # float32, as the paper's classifier
+                    loss.backward()
+                row['peak_MB'] = peak(step) / 1e6
+            cell(row, ('peak_MB',), run)
+            rows.append(row)
+            print(row, flush=True)
     return rows
 
 
-def target(measured, goal, higher_is_better=False):
+# -----------------------------------------------------------------------------
+# Targets and tables
+
+
+def target(measured, goal, higher_is_better=False, **extra):
     met = measured >= goal if higher_is_better else measured <= goal
-    return {'measured': measured, 'goal': goal, 'met': bool(met)}
+    return {'measured': measured, 'goal': goal, 'met': bool(met), **extra}
+
+
+def _num(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def targets(res):
     t = {}
-    r = next((r for r in res.get('scan', []) if (r['B'], r['D'], r['T']) == (8, 1024, 8192)), None)
+    r = next((r for r in res.get('scan', []) if (r['B'], r['D'], r['T']) == (8, 1024, 8192)
+              and _num(r.get('kernel_fwd_ms'))), None)
     if r:
-        t['fused_fwd_over_floor'] = target(r['kernel_fwd_ms'] / r['kernel_fwd_floor_ms'], 1.25)
-        t['fused_fwdbwd_over_floor'] = target(r['kernel_fwdbwd_ms'] / r['kernel_fwdbwd_floor_ms'], 1.5)
+        t['fused_fwd_over_floor'] = target(r['kernel_fwd_ms'] / r['kernel_fwd_floor_ms'], 1.3)
+        t['fused_fwdbwd_over_floor'] = target(r['kernel_fwdbwd_ms'] / r['kernel_fwdbwd_floor_ms'], 1.4)
         t['fused_fwdbwd_peak_GB'] = target(r['kernel_fwdbwd_peak_GB'], 2.5)
-    train = {(r['T'], r['model']): r['tokens_per_s'] for r in res.get('train', [])}
-    for T, goal in [(8192, 2.0), (2048, 1.3)]:
-        m, a, f = train.get((T, 'mipt_K64')), train.get((T, 'attention_sdpa')), train.get((T, 'no_mixer'))
-        if isinstance(m, float) and isinstance(a, float):
-            t[f'train_T{T}_mipt_over_sdpa_tokens_per_s'] = target(m / a, goal, higher_is_better=True)
-            if isinstance(f, float):  # what a free mixer would reach: the goal's ceiling at this shape
-                t[f'train_T{T}_mipt_over_sdpa_tokens_per_s']['ceiling_no_mixer_over_sdpa'] = f / a
-    dec = [r['state_MB'] for r in res.get('decode', []) if r['model'] == 'mipt_K64' and r['state_MB'] != 'OOM']
+    train = {(r['T'], r['model']): r.get('tokens_per_s') for r in res.get('train', [])}
+    m, a, f = train.get((2048, 'mipt_K64')), train.get((2048, 'attention_sdpa')), train.get((2048, 'no_mixer'))
+    if _num(m) and _num(a):
+        t['train_T2048_mipt_over_sdpa_tokens_per_s'] = target(m / a, 1.0, True)
+        if _num(f):  # what a free mixer would reach at this shape
+            t['train_T2048_mipt_over_sdpa_tokens_per_s']['ceiling_no_mixer_over_sdpa'] = f / a
+    mem = {(r['N'], r['model']): r.get('peak_MB') for r in res.get('memory', [])}
+    ratios = [(mem[(N, 'mipt_K16')] / mem[(N, 'attention_sdpa')], N) for N, model in mem
+              if model == 'mipt_K16' and _num(mem[(N, model)]) and _num(mem.get((N, 'attention_sdpa')))]
+    if ratios:
+        worst, N = max(ratios)
+        t['memory_mipt_over_sdpa_max'] = target(worst, 1.0, at_N=N)
+    dec = [r['state_MB'] for r in res.get('decode', []) if r['model'] == 'mipt_K64' and _num(r.get('state_MB'))]
     if dec:
         t['decode_state_relative_spread'] = target((max(dec) - min(dec)) / min(dec), 0.01)
+    # mixers: one layer at D=1024
+    mix = {(r['B'], r['T'], r['layer']): r for r in res.get('mixers', [])}
+    over = [((mix[(B, T, 'mipt_K64')]['fwdbwd_ms'] - r['fwdbwd_ms']) / r['fwdbwd_ms'], B, T)
+            for (B, T, layer), r in mix.items() if layer == 'mipt_K0' and _num(r.get('fwdbwd_ms'))
+            and _num(mix.get((B, T, 'mipt_K64'), {}).get('fwdbwd_ms'))]
+    if over:
+        worst, B, T = max(over)
+        t['cache_over_recurrence_fwdbwd'] = target(worst, 1.0, at=f'B={B}, T={T}')
+    at8k = sorted({B for (B, T, _) in mix if T == 8192}, key=lambda B: (B * 8192 != 16384, B))
+    for B in at8k[:1]:  # the 16,384-token shape when measured
+        m = mix.get((B, 8192, 'mipt_K64'), {}).get('tokens_per_s')
+        best = max(((r['tokens_per_s'], layer) for (b, T, layer), r in mix.items()
+                    if b == B and T == 8192 and layer.startswith('fla_') and _num(r.get('tokens_per_s'))), default=None)
+        if _num(m) and best:
+            t['mipt_over_best_peer_T8192'] = target(m / best[0], 1.0, True, best_peer=best[1], at=f'B={B}, T=8192')
+    # batchdecode
+    bd = {(r['context'], r['batch'], r['model']): r for r in res.get('batchdecode', [])}
+    m, a = bd.get((65536, 128, 'mipt_K64_graph')), bd.get((65536, 128, 'attention_sdpa'))
+    if m and _num(m.get('tokens_per_s')) and a:
+        if _num(a.get('tokens_per_s')):
+            t['decode_B128_64k_mipt_over_attention'] = target(m['tokens_per_s'] / a['tokens_per_s'], 5.0, True)
+        elif a.get('tokens_per_s') in ('OOM', 'skipped') and a.get('note', '') != 'time budget':
+            t['decode_B128_64k_mipt_over_attention'] = {'measured': None, 'goal': 5.0, 'met': True,
+                                                        'note': f"attention {a['tokens_per_s']}"}
+    b1 = [(r['tokens_per_s'], c) for (c, B, model), r in bd.items()
+          if B == 1 and model == 'mipt_K64_graph' and r.get('graphed') and _num(r.get('tokens_per_s'))]
+    if b1:
+        worst, c = min(b1)
+        t['decode_B1_graphed_tokens_per_s'] = target(worst, 3000, True, at_context=c)
+    # trainmix
+    tm = {(r['T'], r['model']): r.get('tokens_per_s') for r in res.get('trainmix', [])}
+    m, a, f = tm.get((8192, 'mipt_K64')), tm.get((8192, 'attention_sdpa')), tm.get((8192, 'no_mixer'))
+    if _num(m) and _num(a):
+        t['train_mixerbound_T8192_mipt_over_sdpa'] = target(m / a, 1.5, True)
+        if _num(f):
+            t['train_mixerbound_T8192_mipt_over_sdpa']['ceiling_no_mixer_over_sdpa'] = f / a
     return t
+
+
+def fmt(v):
+    if isinstance(v, float):
+        return f'{v:.3g}' if abs(v) < 1e5 else f'{v:,.0f}'
+    return '—' if v is None else str(v)
 
 
 def markdown(res):
     lines = [f"device: {res['device']}, torch {res['torch']}, commit {res['commit']}, {res['date']}", '']
     if 'copy' in res:
         lines += [f"copy bandwidth: {res['copy']['GBps']:.0f} GB/s (read + write)", '']
-    for sec in ('scan', 'train', 'decode', 'memory'):
+    for sec in SECTIONS[1:]:
         rows = res.get(sec)
         if rows:
             keys = list(dict.fromkeys(k for r in rows for k in r))
-            fmt = lambda v: f'{v:.3g}' if isinstance(v, float) else str(v)
             lines += [f'### {sec}', '', '| ' + ' | '.join(keys) + ' |', '|' + '---|' * len(keys)]
-            lines += ['| ' + ' | '.join(fmt(r.get(k, '')) for r in [r] for k in keys) + ' |' for r in rows]
+            lines += ['| ' + ' | '.join(fmt(r.get(k, '')) for k in keys) + ' |' for r in rows]
             lines.append('')
     if res.get('targets'):
         lines += ['### targets', '', '| target | measured | goal | met |', '|---|---|---|---|']
-        lines += [f"| {k} | {v['measured']:.3g} | {v['goal']} | {v['met']} |" for k, v in res['targets'].items()]
+        lines += [f"| {k} | {fmt(v['measured'])} | {v['goal']} | {v['met']} |" for k, v in res['targets'].items()]
     return '\n'.join(lines) + '\n'
 
 
-def main():
+def _grid(title, rows, row_key, col_key, val):
+    """A small text table: one line per row_key, one column per col_key."""
+    cols = list(dict.fromkeys(r[col_key] for r in rows))
+    names = list(dict.fromkeys(r[row_key] for r in rows))
+    cells = {(r[row_key], r[col_key]): val(r) for r in rows}
+    w = max([len(str(n)) for n in names] + [len(row_key)])
+    cw = max([len(str(c)) for c in cols] + [len(v) for v in cells.values()] + [6])
+    out = [title, f"{row_key:<{w}}  " + '  '.join(f'{str(c):>{cw}}' for c in cols)]
+    out += [f"{str(n):<{w}}  " + '  '.join(f"{cells.get((n, c), ''):>{cw}}" for c in cols) for n in names]
+    return out + ['']
+
+
+def _short(v, unit=1.0, digits=3):
+    if not _num(v):
+        return str(v)
+    v = v / unit
+    return f'{v:.{digits}g}' if abs(v) < 10 ** digits else f'{v:,.0f}'
+
+
+def summary(res):
+    """The short tables printed at the end of a run."""
+    out = [f"== bench.py on {res['device']}, torch {res['torch']}, commit {res['commit']} "
+           f"({time.perf_counter() - _T0:.0f} s; full tables in {os.path.join(out_dir, 'bench.md')}) =="]
+    if res.get('section_s'):
+        out += ['seconds per section: ' + ', '.join(f'{k} {v:.0f}' for k, v in res['section_s'].items()), '']
+    if res.get('mixers'):
+        rows = [dict(r, shape=f"{r['B']}x{r['T']}") for r in res['mixers']]
+        out += _grid('mixers, one layer D=1024, fwd+bwd ms (BxT)', rows, 'layer', 'shape',
+                     lambda r: _short(r.get('fwdbwd_ms')))
+        out += _grid('mixers, fwd+bwd k tokens/s', rows, 'layer', 'shape', lambda r: _short(r.get('tokens_per_s'), 1e3))
+        states = {r['layer']: r['state_bytes'] for r in res['mixers'] if _num(r.get('state_bytes'))
+                  and r['layer'] != 'attention_sdpa'}
+        if states:
+            out += ['decode state per sequence and layer (MB): ' +
+                    ', '.join(f'{k} {v / 1e6:.3g}' for k, v in states.items()) + '; attention 4 kB x T', '']
+    if res.get('train'):
+        out += _grid('train, LM 4x256, k tokens/s (T)', res['train'], 'model', 'T',
+                     lambda r: _short(r.get('tokens_per_s'), 1e3))
+    if res.get('trainmix'):
+        out += _grid('trainmix, 8x1024 vocab 8192, k tokens/s (T)', res['trainmix'], 'model', 'T',
+                     lambda r: _short(r.get('tokens_per_s'), 1e3))
+    if res.get('batchdecode'):
+        rows = [dict(r, case=f"{r['model']} @{r['context'] // 1024}k") for r in res['batchdecode']]
+        out += _grid('batchdecode, tokens/s (batch)', rows, 'case', 'batch', lambda r: _short(r.get('tokens_per_s')))
+        out += _grid('batchdecode, state MB (batch)', rows, 'case', 'batch', lambda r: _short(r.get('state_MB')))
+    if res.get('decode'):
+        out += _grid('decode, batch 1, tokens/s (context)', res['decode'], 'model', 'context',
+                     lambda r: _short(r.get('tokens_per_s')))
+    if res.get('memory'):
+        out += _grid('memory, classifier d=128, peak MB (N)', res['memory'], 'model', 'N',
+                     lambda r: _short(r.get('peak_MB')))
+    if res.get('scan'):
+        out.append('scan, fused kernel: fwd ms, fwd+bwd ms, each over its byte floor (B, D, T)')
+        for r in res['scan']:
+            if _num(r.get('kernel_fwd_ms')):
+                out.append(f"{r['B']}x{r['D']}x{r['T']}: {_short(r['kernel_fwd_ms'])} ms "
+                           f"({_short(r['kernel_fwd_ms'] / r['kernel_fwd_floor_ms'])}x), "
+                           f"{_short(r['kernel_fwdbwd_ms'])} ms ({_short(r['kernel_fwdbwd_ms'] / r['kernel_fwdbwd_floor_ms'])}x)")
+        out.append('')
+    if res.get('targets'):
+        w = max(len(k) for k in res['targets'])
+        out += ['targets', f"{'target':<{w}}  {'measured':>10}  {'goal':>6}  met"]
+        for k, v in res['targets'].items():
+            extra = ', '.join(f'{a}={fmt(b)}' for a, b in v.items() if a not in ('measured', 'goal', 'met'))
+            out.append(f"{k:<{w}}  {fmt(v['measured']):>10}  {v['goal']:>6}  {'yes' if v['met'] else 'NO'}"
+                       + (f'  ({extra})' if extra else ''))
+    errors = [(sec, r) for sec in SECTIONS[1:] for r in res.get(sec, []) if 'error' in r]
+    if errors:
+        sec, r = errors[0]
+        where = ', '.join(f'{k}={r[k]}' for k in r if k in ('B', 'T', 'N', 'context', 'batch', 'layer', 'model'))
+        out += ['', f"{len(errors)} cell(s) failed; first: {sec} {where}: {r['error']}"]
+    return '\n'.join(out)
+
+
+def main(argv=None):
+    parse_args(sys.argv[1:] if argv is None else argv)
     if not torch.cuda.is_available():
         raise SystemExit('bench.py needs a CUDA GPU')
+    global _T0, _RES, _SECTION
+    _T0 = time.perf_counter()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     commit = os.environ.get('MIPT_COMMIT') or subprocess.run(  # MIPT_COMMIT: for a copy without .git
         ['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()
     res = {'device': torch.cuda.get_device_name(), 'torch': torch.__version__, 'commit': commit or 'unknown',
-           'date': datetime.now(timezone.utc).isoformat(timespec='seconds'), 'command': ' '.join(sys.argv)}
+           'date': datetime.now(timezone.utc).isoformat(timespec='seconds'), 'command': ' '.join(sys.argv),
+           'budget_s': budget_s, 'quick': quick}
+    _RES = res
     want = sections.split(',')
     bw = None
     if 'copy' in want or 'scan' in want:
         res['copy'] = bench_copy()
         bw = res['copy']['GBps'] * 1e9
-        print(res['copy'])
+        print(res['copy'], flush=True)
+    # mixers last: fla's first calls autotune, for how long is the least predictable
     for name, fn in [('scan', lambda: bench_scan(bw)), ('train', bench_train), ('decode', bench_decode),
-                     ('memory', bench_memory)]:
+                     ('memory', bench_memory), ('batchdecode', bench_batchdecode), ('trainmix', bench_trainmix),
+                     ('mixers', bench_mixers)]:
         if name in want:
+            t0 = time.perf_counter()
+            print(f'== {name} ({t0 - _T0:.0f} s into the run)', flush=True)
+            _SECTION = name
             res[name] = fn()
-            save(res)  # after every section, so that a cut-off run keeps what it measured
-    print(markdown(res))
+            _SECTION = None
+            res.setdefault('section_s', {})[name] = time.perf_counter() - t0
+            save(res)  # after every section (and every 15 s within one), so that a cut-off run keeps its cells
+    save(res)
+    print(summary(res), flush=True)
 
 
 def save(res):

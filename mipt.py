@@ -399,6 +399,13 @@ class State:
         return self
 
 
+def _complex(dtype):
+    return torch.complex128 if dtype == torch.float64 else torch.complex64
+
+
+Decoded = namedtuple('Decoded', 'token s state')  # what decode() yields for every new token
+
+
 @dataclass
 class CacheSlots(State):
     """The sparse cache's K slots. Empty slots have pos -1 and score -inf."""
@@ -566,10 +573,6 @@ class Block(nn.Module):
         m, state = self.mix.step(self.ln_1(x), state, pos)
         x = x + m
         return x + self.mlp(self.ln_2(x)), state
-
-
-def _complex(dtype):
-    return torch.complex128 if dtype == torch.float64 else torch.complex64
 
 
 # -----------------------------------------------------------------------------
@@ -805,7 +808,7 @@ class MIPT(nn.Module):
         return step
 
     @torch.no_grad()
-    def decode(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None, want_s=False):
+    def decode(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None, want_s=False, graph=True):
         """THE decoding loop (generate, sample.py and bench.py all run it). Continues idx (B, T) and yields
         one Decoded(token (B,), s, state) per new token.
 
@@ -815,7 +818,7 @@ class MIPT(nn.Module):
         graph when graphable() (under the caller's autocast dtype). The attention twin, past its
         block_size, recomputes a sliding window of its last block_size tokens for every new token.
         want_s: s is each layer's score s_t (B,) of the yielded token (MIPT), which costs one more step
-        at the end; otherwise s is None."""
+        at the end; otherwise s is None. graph=False keeps eager steps even where a graph would apply."""
         if self.config.n_classes:
             raise ValueError("decoding needs a language model; this model is a classifier (n_classes > 0)")
         if temperature < 0 or not math.isfinite(temperature):
@@ -830,7 +833,7 @@ class MIPT(nn.Module):
         context = idx[:, -T:] if window else idx
         logits, state = self.prefill(context)
         graphed = None
-        if self.graphable():
+        if graph and self.graphable():
             amp = torch.get_autocast_dtype('cuda') if torch.is_autocast_enabled('cuda') else None
             graphed = self.graphed_step(state, amp)
         for i in range(max_new_tokens):
@@ -858,9 +861,6 @@ class MIPT(nn.Module):
         """Continue idx (B, T) by max_new_tokens tokens: decode(), collected. Returns (B, T + max_new_tokens)."""
         new = [d.token[:, None] for d in self.decode(idx, max_new_tokens, temperature, top_k, n_vocab)]
         return torch.cat([idx] + new, dim=1)
-
-
-Decoded = namedtuple('Decoded', 'token s state')
 
 
 # -----------------------------------------------------------------------------
