@@ -411,8 +411,8 @@ def _nbytes(state):
 def decode_tokens(model, prompt, n, batch=1, graph=True):
     """n greedy tokens per row after prompt (1, T), copied to `batch` rows, through model.decode (the model's one
     decoding loop: a parallel prefill, then one step per token, replayed as a CUDA graph when graph and the model
-    allows it) under bf16 autocast. Returns (tokens (batch, n), seconds of the last n - 2 steps, decoding state
-    bytes): the clock starts at the second token, after prefill, graph capture and the first steps."""
+    allows it) under bf16 autocast. Returns (tokens (batch, n), seconds for n steps at the rate of the timed ones,
+    decoding state bytes): the clock runs over the last n - 2 steps, after prefill, graph capture and two steps."""
     assert n >= 3, 'time at least one step after the first two'
     out, t0 = [], None
     with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):

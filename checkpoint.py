@@ -90,6 +90,8 @@ def build_model(ck, device='cpu', path='the checkpoint'):
     weights ck['model'] if present (else freshly initialised), on `device`. A config or weights that do not
     fit this mipt.py die with one line."""
     from mipt import MIPT, MIPTConfig
+    if not isinstance(ck.get('model_args'), dict):
+        die(f"{path}: it has no model config (model_args): not a checkpoint that train.py wrote")
     try:
         model = MIPT(MIPTConfig(**ck['model_args']))
     except (TypeError, ValueError) as e:

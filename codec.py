@@ -101,6 +101,17 @@ def get_tokenizer(name, chars=None, vocab_size=None):
         return IdsTokenizer(vocab_size)
     raise ValueError(f"unknown tokenizer {name!r} (expected 'char', 'bytes', 'cl100k_base' or 'ids')")
 
+def truncate_doc(ids, block_size, eot_token=None):
+    """A classification document cut to block_size tokens as training reads it: its beginning, and its final
+    EOT (the read-out token) when it ends with one. ids: a list or a 1-D numpy array; returns the same kind."""
+    if len(ids) <= block_size:
+        return ids
+    if eot_token is None or ids[-1] != eot_token:
+        return ids[:block_size]
+    keep = list(range(block_size - 1)) + [len(ids) - 1]
+    return [ids[i] for i in keep] if isinstance(ids, list) else ids[keep]
+
+
 def load_codec(meta):
     """(encode: str -> list[int], decode: list[int] -> str) for a dataset's meta.json dict.
     With cl100k_base, encode turns a literal '<|endoftext|>' into the EOT token. With 'ids', encode parses

@@ -38,9 +38,12 @@ Glossary (code name: paper symbol, shape)
                                      (-1: all of them, i.e. dense soft selection; 0: off)
     readout readout                  classifier: 'last' reads the final hidden state at the last real
                                      token; 'mean' its running mean over positions (the paper's demo)
+    state   DecodeState              decoding: per layer a MIPTState (h (B, D) complex, s (B,), cache:
+                                     CacheSlots k, v (B, H, K, hd), score, pos (B, K)) or the twin's KVCache;
+                                     pos, the tokens consumed; pooled (B, D), the running sum for 'mean'
 
-Contents, top to bottom: config, scans, the MIPT recurrence, the causal sparse cache, the decoding
-state, the blocks (MIPT and its Transformer twin), the model, decoding, and an appendix that loads the
+Contents, top to bottom: config, scans, the MIPT recurrence, the decoding state, the causal sparse
+cache, the blocks (MIPT and its Transformer twin), the model, decoding, and an appendix that loads the
 fused CUDA kernel.
 """
 
@@ -203,10 +206,101 @@ def mipt_recurrence(logit, theta, u_re, u_im, h0=None, impl='auto'):
 
 
 # -----------------------------------------------------------------------------
+# The decoding state: one small object per mixer, and the model's DecodeState around them (after
+# nanochat's KVCache). Every tensor of a state is reachable through tensors(), which byte counts and
+# CUDA-graph copies use.
+
+
+class State:
+    """Base of the state objects: dataclasses whose fields are tensors, other States, lists of them, or
+    plain values."""
+
+    def tensors(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            for x in (v if isinstance(v, list) else [v]):
+                if torch.is_tensor(x):
+                    yield x
+                elif isinstance(x, State):
+                    yield from x.tensors()
+
+    def map(self, fn):
+        """A new state of the same structure with fn applied to every tensor."""
+        def m(x):
+            return fn(x) if torch.is_tensor(x) else x.map(fn) if isinstance(x, State) else x
+        return type(self)(**{f.name: ([m(x) for x in v] if isinstance(v := getattr(self, f.name), list) else m(v))
+                             for f in fields(self)})
+
+    def copy_(self, other):
+        """Copy other's tensors into this state's tensors, in place (shapes must match)."""
+        for dst, src in zip(list(self.tensors()), list(other.tensors()), strict=True):
+            dst.copy_(src)
+        return self
+
+
+def _complex(dtype):
+    return torch.complex128 if dtype == torch.float64 else torch.complex64
+
+
+Decoded = namedtuple('Decoded', 'token s state')  # what decode() yields for every new token
+
+
+@dataclass
+class CacheSlots(State):
+    """The sparse cache's K slots. Empty slots have pos -1 and score -inf."""
+    k: torch.Tensor          # (B, H, K, hd)
+    v: torch.Tensor          # (B, H, K, hd)
+    score: torch.Tensor      # (B, K) s_j of the cached token
+    pos: torch.Tensor        # (B, K) its position
+
+    def grow(self):
+        """One more empty slot (the unbounded cache)."""
+        return CacheSlots(k=F.pad(self.k, (0, 0, 0, 1)), v=F.pad(self.v, (0, 0, 0, 1)),
+                          score=F.pad(self.score, (0, 1), value=-math.inf), pos=F.pad(self.pos, (0, 1), value=-1))
+
+    def compact(self):
+        """Drop the slots that are empty in every row (the unbounded cache holds only what it stored)."""
+        n = int((self.pos >= 0).sum(1).max()) if self.pos.numel() else 0
+        return CacheSlots(k=self.k[:, :, :n], v=self.v[:, :, :n], score=self.score[:, :n], pos=self.pos[:, :n])
+
+
+@dataclass
+class MIPTState(State):
+    """A MIPT layer's decoding state: the complex state h, the last token's score, the cache slots."""
+    h: torch.Tensor                      # (B, D) complex
+    s: torch.Tensor                      # (B,) score s_t of the token just consumed
+    cache: CacheSlots = None             # None without a cache (K = 0)
+
+
+@dataclass
+class KVCache(State):
+    """The attention twin's decoding state: every past key and value (it grows with the context)."""
+    k: torch.Tensor                      # (B, H, t, hd)
+    v: torch.Tensor                      # (B, H, t, hd)
+
+
+@dataclass
+class DecodeState(State):
+    """The whole model's decoding state: one state per layer, the position (kept once), and for
+    readout='mean' the running sum of the final hidden states."""
+    layers: list = field(default_factory=list)
+    pos: object = 0                      # tokens consumed: an int, or a device tensor under a CUDA graph
+    pooled: torch.Tensor = None          # (B, D) readout='mean' only
+
+    @property
+    def batch_size(self):
+        return next(self.tensors()).shape[0]
+
+    def advance(self, n=1):
+        self.pos = self.pos + n
+        return self
+
+
+# -----------------------------------------------------------------------------
 # The causal sparse cache
 #
-# THE RULE, defined once by rank() and used by training (select_cache), decoding (SparseCache.step),
-# the state that prefill exports, and probe: a token outranks another when its score s is higher, or
+# THE RULE, defined once by rank() and used by training (select_cache), decoding (SparseCache.step) and
+# the state that prefill exports (probe's count, min(K, #eligible), follows from it): a token outranks another when its score s is higher, or
 # when the scores are equal and it came earlier. The cache at position i holds the K best-ranked
 # eligible tokens (s_j > tau) among positions j <= i. In decoding, a newcomer is the latest token, so it
 # enters a full cache only when its score is strictly higher than the weakest slot's, and evicts that
@@ -302,7 +396,7 @@ class SparseCache(nn.Module):
         # y (B, T, D) the scan output, s (B, T) scores
         B, T, D = y.shape
         H, hd, L = self.n_head, D // self.n_head, self.L
-        cand, member = select_cache(s.detach(), self.K, self.tau, L)   # (B, C, N), (B, C, L, N)
+        exact = cand, member = select_cache(s.detach(), self.K, self.tau, L)   # (B, C, N), (B, C, L, N)
         if self.training and self.R != 0:
             cand, member = add_exploration(s.detach(), self.R, L, cand, member)
         C, N = cand.shape[1], cand.shape[2]
@@ -321,7 +415,9 @@ class SparseCache(nn.Module):
         out = y + torch.sigmoid(self.gate(y)) * self.proj(att)
         if not want_state:
             return out, None
-        # the decoding state after the last position: its row's cache, packed best first by THE RULE
+        # the decoding state after the last position: its row's exact cache, packed best first by THE RULE
+        cand, member = exact
+        N = cand.shape[2]
         c, l = divmod(T - 1, L)
         pos = torch.where(member[:, c, l], cand[:, c], -1)                         # (B, N)
         score = torch.where(pos >= 0, s.detach().gather(1, pos.clamp(min=0)), -math.inf)
@@ -364,97 +460,6 @@ class SparseCache(nn.Module):
         w = torch.softmax(torch.cat([logits, null], -1), -1)                       # (B, H, K+1)
         att = torch.einsum('bhk,bhkd->bhd', w[..., :-1], slots.v) + w[..., -1:] * self.null_v.to(v.dtype)
         return y + torch.sigmoid(self.gate(y)) * self.proj(att.reshape(B, D)), slots
-
-
-# -----------------------------------------------------------------------------
-# The decoding state: one small object per mixer, and the model's DecodeState around them (after
-# nanochat's KVCache). Every tensor of a state is reachable through tensors(), which byte counts and
-# CUDA-graph copies use.
-
-
-class State:
-    """Base of the state objects: dataclasses whose fields are tensors, other States, lists of them, or
-    plain values."""
-
-    def tensors(self):
-        for f in fields(self):
-            v = getattr(self, f.name)
-            for x in (v if isinstance(v, list) else [v]):
-                if torch.is_tensor(x):
-                    yield x
-                elif isinstance(x, State):
-                    yield from x.tensors()
-
-    def map(self, fn):
-        """A new state of the same structure with fn applied to every tensor."""
-        def m(x):
-            return fn(x) if torch.is_tensor(x) else x.map(fn) if isinstance(x, State) else x
-        return type(self)(**{f.name: ([m(x) for x in v] if isinstance(v := getattr(self, f.name), list) else m(v))
-                             for f in fields(self)})
-
-    def copy_(self, other):
-        """Copy other's tensors into this state's tensors, in place (shapes must match)."""
-        for dst, src in zip(list(self.tensors()), list(other.tensors()), strict=True):
-            dst.copy_(src)
-        return self
-
-
-def _complex(dtype):
-    return torch.complex128 if dtype == torch.float64 else torch.complex64
-
-
-Decoded = namedtuple('Decoded', 'token s state')  # what decode() yields for every new token
-
-
-@dataclass
-class CacheSlots(State):
-    """The sparse cache's K slots. Empty slots have pos -1 and score -inf."""
-    k: torch.Tensor          # (B, H, K, hd)
-    v: torch.Tensor          # (B, H, K, hd)
-    score: torch.Tensor      # (B, K) s_j of the cached token
-    pos: torch.Tensor        # (B, K) its position
-
-    def grow(self):
-        """One more empty slot (the unbounded cache)."""
-        return CacheSlots(k=F.pad(self.k, (0, 0, 0, 1)), v=F.pad(self.v, (0, 0, 0, 1)),
-                          score=F.pad(self.score, (0, 1), value=-math.inf), pos=F.pad(self.pos, (0, 1), value=-1))
-
-    def compact(self):
-        """Drop the slots that are empty in every row (the unbounded cache holds only what it stored)."""
-        n = int((self.pos >= 0).sum(1).max()) if self.pos.numel() else 0
-        return CacheSlots(k=self.k[:, :, :n], v=self.v[:, :, :n], score=self.score[:, :n], pos=self.pos[:, :n])
-
-
-@dataclass
-class MIPTState(State):
-    """A MIPT layer's decoding state: the complex state h, the last token's score, the cache slots."""
-    h: torch.Tensor                      # (B, D) complex
-    s: torch.Tensor                      # (B,) score s_t of the token just consumed
-    cache: CacheSlots = None             # None without a cache (K = 0)
-
-
-@dataclass
-class KVCache(State):
-    """The attention twin's decoding state: every past key and value (it grows with the context)."""
-    k: torch.Tensor                      # (B, H, t, hd)
-    v: torch.Tensor                      # (B, H, t, hd)
-
-
-@dataclass
-class DecodeState(State):
-    """The whole model's decoding state: one state per layer, the position (kept once), and for
-    readout='mean' the running sum of the final hidden states."""
-    layers: list = field(default_factory=list)
-    pos: object = 0                      # tokens consumed: an int, or a device tensor under a CUDA graph
-    pooled: torch.Tensor = None          # (B, D) readout='mean' only
-
-    @property
-    def batch_size(self):
-        return next(self.tensors()).shape[0]
-
-    def advance(self, n=1):
-        self.pos = self.pos + n
-        return self
 
 
 # -----------------------------------------------------------------------------
@@ -627,7 +632,9 @@ class MIPT(nn.Module):
     def _check_ids(self, idx):
         if idx.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"token ids must be an integer tensor, got {idx.dtype}")
-        if idx.numel() and not (idx.is_cuda and torch.cuda.is_current_stream_capturing()):
+        # on a GPU the check waits for the device: done in eval and decoding (outside a graph capture), not in
+        # every training step
+        if idx.numel() and not (idx.is_cuda and (self.training or torch.cuda.is_current_stream_capturing())):
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(f"token ids must lie in [0, vocab_size={self.config.vocab_size}), got ids from {lo} to {hi}")
@@ -667,9 +674,14 @@ class MIPT(nn.Module):
             raise ValueError(f"lengths must lie in [1, T={T}], got {lengths.tolist()}")
         return lengths.to(idx.device)
 
+    @property
+    def _pools(self):
+        """A classifier that reads the running mean (readout='mean') carries a running sum when decoding."""
+        return bool(self.config.n_classes) and self.config.readout == 'mean'
+
     def _read(self, x, lengths):
         """The classifier's read-out from the final hidden states x (B, T, D) at each row's last real token."""
-        if self.config.readout == 'mean':  # the causal running mean, so that padding never reaches it
+        if self._pools:  # the causal running mean, so that padding never reaches it
             x = x.cumsum(1) / torch.arange(1, x.shape[1] + 1, device=x.device, dtype=x.dtype)[:, None]
         return x[torch.arange(x.shape[0], device=x.device), lengths - 1]         # (B, D)
 
@@ -722,7 +734,7 @@ class MIPT(nn.Module):
 
     def init_state(self, batch_size):
         w = self.wte.weight
-        pooled = w.new_zeros(batch_size, w.shape[1]) if self.config.n_classes and self.config.readout == 'mean' else None
+        pooled = w.new_zeros(batch_size, w.shape[1]) if self._pools else None
         return DecodeState(layers=[block.mix.init_state(batch_size, w.device, w.dtype) for block in self.blocks],
                            pos=0, pooled=pooled)
 
@@ -751,7 +763,7 @@ class MIPT(nn.Module):
         """A parallel pass over a prompt (B, T). Returns the last position's logits and the decoding state,
         equal to stepping through the prompt token by token."""
         x, _, states = self._body(idx, want_state=True)
-        pooled = x.sum(1) if self.config.n_classes and self.config.readout == 'mean' else None
+        pooled = x.sum(1) if self._pools else None
         last = pooled / idx.shape[1] if pooled is not None else x[:, -1]
         return self.head(last), DecodeState(layers=states, pos=idx.shape[1], pooled=pooled)
 
@@ -759,10 +771,20 @@ class MIPT(nn.Module):
     def state_bytes(state):
         return sum(t.numel() * t.element_size() for t in state.tensors())
 
+    def _graph_blocker(self):
+        """Why graphed_step cannot decode this model, or None: it needs MIPT with a finite cache, on a GPU,
+        in eval mode."""
+        if self.config.mixer != 'mipt' or self.config.K is None:
+            return "graphed_step needs a MIPT model with a finite cache (a growing one cannot be graphed)"
+        if not self.wte.weight.is_cuda:
+            return "graphed_step needs the model on a CUDA device"
+        if self.training:
+            return "graphed_step needs an eval-mode model (no dropout)"
+        return None
+
     def graphable(self):
-        """Whether graphed_step can decode this model: MIPT with a finite cache, on a GPU, in eval mode."""
-        return (self.config.mixer == 'mipt' and self.config.K is not None and self.wte.weight.is_cuda
-                and not self.training)
+        """Whether graphed_step can decode this model (see _graph_blocker)."""
+        return self._graph_blocker() is None
 
     def graphed_step(self, state, dtype=None):
         """step as one CUDA graph replay, for decoding on a GPU (eager batch-1 decoding is bound by kernel
@@ -770,12 +792,8 @@ class MIPT(nn.Module):
         returns is held in static tensors, updated in place by every call (keep stepping it through the
         returned function, not through step). CUDA MIPT models with a finite cache only; dtype: the autocast
         dtype to decode in (None: the weights' dtype)."""
-        if self.config.mixer != 'mipt' or self.config.K is None:
-            raise ValueError("graphed_step needs a MIPT model with a finite cache (a growing one cannot be graphed)")
-        if not self.wte.weight.is_cuda:
-            raise ValueError("graphed_step needs the model on a CUDA device")
-        if self.training:
-            raise ValueError("graphed_step needs an eval-mode model (no dropout)")
+        if self._graph_blocker():
+            raise ValueError(self._graph_blocker())
         dev = self.wte.weight.device
         static = state.map(lambda t: t.to(dev).clone())
         static.pos = torch.as_tensor(state.pos, device=dev).clone()  # a tensor, so that it is not baked in
@@ -818,7 +836,8 @@ class MIPT(nn.Module):
         graph when graphable() (under the caller's autocast dtype). The attention twin, past its
         block_size, recomputes a sliding window of its last block_size tokens for every new token.
         want_s: s is each layer's score s_t (B,) of the yielded token (MIPT), which costs one more step
-        at the end; otherwise s is None. graph=False keeps eager steps even where a graph would apply."""
+        at the end; otherwise s is None. graph=False keeps eager steps even where a graph would apply.
+        Decoded.state is the live decoding state (the graph's static one on a GPU), updated by later steps."""
         if self.config.n_classes:
             raise ValueError("decoding needs a language model; this model is a classifier (n_classes > 0)")
         if temperature < 0 or not math.isfinite(temperature):
@@ -833,7 +852,7 @@ class MIPT(nn.Module):
         context = idx[:, -T:] if window else idx
         logits, state = self.prefill(context)
         graphed = None
-        if graph and self.graphable():
+        if graph and self.graphable() and (max_new_tokens > 1 or want_s):
             amp = torch.get_autocast_dtype('cuda') if torch.is_autocast_enabled('cuda') else None
             graphed = self.graphed_step(state, amp)
         for i in range(max_new_tokens):
@@ -853,7 +872,7 @@ class MIPT(nn.Module):
                     logits = self(context)[0][:, -1]
                 else:
                     logits, state = graphed(tok) if graphed else self.step(tok, state)
-            s = [st.s for st in state.layers] if want_s and self.config.mixer == 'mipt' else None
+            s = [st.s.clone() for st in state.layers] if want_s and self.config.mixer == 'mipt' else None
             yield Decoded(tok, s, state)
 
     @torch.no_grad()

@@ -29,7 +29,7 @@ from html import escape
 import torch
 
 from checkpoint import build_model, die, load
-from codec import load_codec
+from codec import load_codec, truncate_doc
 from configurator import configure
 
 # -----------------------------------------------------------------------------
@@ -106,7 +106,7 @@ if not ids:
     die("empty prompt: give --start=TEXT", 2)
 T = config.block_size
 if classifier and len(ids) > T:  # the same truncation as in training
-    ids = ids[:T - 1] + ids[-1:] if eot is not None and ids[-1] == eot else ids[:T]
+    ids = truncate_doc(ids, T, eot)
     print(f"(the text is longer than block_size={T}: truncated as in training)")
 if not is_mipt and len(ids) > T:
     print(f"(attention checkpoint: the prompt has {len(ids)} tokens; keeping the last block_size={T})")

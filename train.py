@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 import checkpoint
 from checkpoint import die
+from codec import truncate_doc
 from configurator import configure
 from data.common import check_dataset, DatasetError
 from mipt import MIPTConfig
@@ -205,12 +206,7 @@ class Docs:
     def batch(self, ids):
         docs = []
         for i in ids:
-            d = self.tokens[self.idx[i]:self.idx[i + 1]].astype(np.int64)
-            if len(d) > block_size:
-                if self.eot is not None and d[-1] == self.eot:
-                    d = np.concatenate([d[:block_size - 1], d[-1:]])  # keep the EOT read-out token
-                else:
-                    d = d[:block_size]  # keep the beginning
+            d = truncate_doc(self.tokens[self.idx[i]:self.idx[i + 1]].astype(np.int64), block_size, self.eot)
             docs.append(d if len(d) else np.array([self.pad], dtype=np.int64))
         lengths = torch.tensor([len(d) for d in docs])
         T = min(block_size, -(-int(lengths.max()) // 64) * 64)  # few distinct shapes; equal docs of 512: T = 512

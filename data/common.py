@@ -484,7 +484,7 @@ def check_dataset(data_dir, verify_hashes=True):
                 fail(path, 'missing (meta.json lists it)')
             size = os.path.getsize(path)
             if size != info.get('bytes'):
-                fail(path, f"{size:,} bytes, meta.json says {info.get('bytes'):,}: "
+                fail(path, f"{size:,} bytes, meta.json says {info.get('bytes')}: "
                            f"the file was rewritten after prepare")
             if verify_hashes and sha256_file(path) != info.get('sha256'):
                 fail(path, 'sha256 differs from meta.json: the file was rewritten after prepare')

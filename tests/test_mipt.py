@@ -613,3 +613,24 @@ def test_bad_api_inputs():
     for fn, exc, match in cases:
         with pytest.raises(exc, match=match):
             fn()
+
+
+def test_prefill_state_is_the_exact_cache_also_in_training_mode():
+    """Exploration candidates widen what training queries attend to, never the decoding state."""
+    torch.manual_seed(0)
+    model = lively(MIPT(small(n_layer=1, cache_size=30, cache_tau=0.5, cache_explore=8))).double()
+    idx = torch.randint(0, 40, (2, 40))
+    _, ref = model.eval().prefill(idx)
+    _, got = model.train().prefill(idx)   # one layer: its input, and so its scores, do not depend on the mode
+    a, b = ref.layers[0].cache, got.layers[0].cache
+    assert torch.equal(a.pos, b.pos) and torch.equal(a.score, b.score) and torch.equal(a.k, b.k)
+    assert (a.score[a.pos >= 0] > 0.5).all()             # only eligible tokens
+
+
+def test_truncate_doc_keeps_the_read_out_token():
+    import numpy as np
+    from codec import truncate_doc
+    assert truncate_doc([1, 2, 3, 4, 9], 3, eot_token=9) == [1, 2, 9]
+    assert truncate_doc([1, 2, 3, 4, 5], 3, eot_token=9) == [1, 2, 3]
+    assert truncate_doc([1, 2], 3, eot_token=9) == [1, 2]
+    assert truncate_doc(np.array([1, 2, 3, 4, 9]), 3, eot_token=9).tolist() == [1, 2, 9]
