@@ -404,10 +404,6 @@ def bench_trainmix():
 # Decoding
 
 
-def _nbytes(state):
-    return MIPT.state_bytes(state)
-
-
 def decode_tokens(model, prompt, n, batch=1, graph=True):
     """n greedy tokens per row after prompt (1, T), copied to `batch` rows, through model.decode (the model's one
     decoding loop: a parallel prefill, then one step per token, replayed as a CUDA graph when graph and the model
@@ -423,7 +419,7 @@ def decode_tokens(model, prompt, n, batch=1, graph=True):
                 t0 = time.perf_counter()
         torch.cuda.synchronize()
         secs = time.perf_counter() - t0
-    return torch.stack(out, 1), secs * n / (n - 2), _nbytes(d.state)
+    return torch.stack(out, 1), secs * n / (n - 2), MIPT.state_bytes(d.state)
 
 
 def bench_decode():
@@ -498,7 +494,7 @@ def mixer_layers():
 
     def mipt_state(K):
         layer = mipt.MIPTLayer(MIPTConfig(n_embd=D, n_head=H, cache_size=K))
-        nbytes = _nbytes(layer.init_state(1, 'cpu', torch.bfloat16))  # bf16 decoding, as in `decode`
+        nbytes = MIPT.state_bytes(layer.init_state(1, 'cpu', torch.bfloat16))  # bf16 decoding, as in `decode`
         return lambda T: nbytes
 
     layers = [('mipt_K0', mipt_mixer('mipt', 0), mipt_state(0), 'mipt'),

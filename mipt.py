@@ -300,11 +300,12 @@ class DecodeState(State):
 # The causal sparse cache
 #
 # THE RULE, defined once by rank() and used by training (select_cache), decoding (SparseCache.step) and
-# the state that prefill exports (probe's count, min(K, #eligible), follows from it): a token outranks another when its score s is higher, or
-# when the scores are equal and it came earlier. The cache at position i holds the K best-ranked
-# eligible tokens (s_j > tau) among positions j <= i. In decoding, a newcomer is the latest token, so it
-# enters a full cache only when its score is strictly higher than the weakest slot's, and evicts that
-# slot. sigmoid saturates to exactly 1.0 in float32, so ties are common: torch.topk alone would not do.
+# the state that prefill exports (probe's count, min(K, #eligible), follows from it): a token outranks
+# another when its score s is higher, or when the scores are equal and it came earlier. The cache at
+# position i holds the K best-ranked eligible tokens (s_j > tau) among positions j <= i. In decoding, a
+# newcomer is the latest token, so it enters a full cache only when its score is strictly higher than the
+# weakest slot's, and evicts that slot. sigmoid saturates to exactly 1.0 in float32, so ties are common:
+# torch.topk alone would not do.
 
 
 def rank(score, pos):
