@@ -34,6 +34,7 @@ Glossary (code name: paper symbol, shape)
     tau     cache_tau                a token is eligible for the cache when s_t > tau
     K       cache_size               cache slots per layer (0: no cache, -1: unbounded, None inside)
     L       cache_chunk              query chunk of the cache's training path
+    end     cache_intervals          token j is in the cache of queries j <= i < end_j, (B, T)
     R       cache_explore            training only: random earlier positions each query also attends to
                                      (-1: all of them, i.e. dense soft selection; 0: off)
     readout readout                  classifier: 'last' reads the final hidden state at the last real
@@ -82,6 +83,7 @@ class MIPTConfig:
     n_classes: int = 0           # 0 = language model, > 0 = classifier
     readout: str = 'last'        # classifier read-out: 'last' | 'mean'
     scan_impl: str = 'auto'      # 'auto' (CUDA kernel when available) | 'torch' | 'cuda'
+    cache_impl: str = 'auto'     # the cache's training read-out: 'auto' (Triton kernel on a GPU) | 'torch' | 'triton'
 
     def __post_init__(self):
         def need(ok, msg):
@@ -98,6 +100,8 @@ class MIPTConfig:
         need(self.attn_impl in ('sdpa', 'naive'), f"attn_impl must be 'sdpa' or 'naive', got {self.attn_impl!r}")
         need(self.scan_impl in ('auto', 'torch', 'cuda'),
              f"scan_impl must be 'auto', 'torch' or 'cuda', got {self.scan_impl!r}")
+        need(self.cache_impl in ('auto', 'torch', 'triton'),
+             f"cache_impl must be 'auto', 'torch' or 'triton', got {self.cache_impl!r}")
         need(self.readout in ('last', 'mean'), f"readout must be 'last' or 'mean', got {self.readout!r}")
         for name in ('vocab_size', 'block_size', 'n_layer', 'n_embd', 'n_head', 'cache_chunk'):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
@@ -359,21 +363,58 @@ def select_cache(s, K, tau, L):
 
 
 @torch.no_grad()
-def add_exploration(s, R, L, cand, member):
+def cache_intervals(cand, member, T):
+    """Cache membership as one interval per token: token j is in the cache of the queries j <= i < end_j.
+
+    By THE RULE a token enters (if ever) at its own position and, once outranked by K later ones, never
+    returns, so select_cache's (B, C, L, N) membership collapses into end (B, T), one past the last query
+    that holds it (end_j <= j: never cached). cand (B, C, N) is kept as each chunk's list of candidates,
+    with the padding beyond T set to -1."""
+    B, C, L, N = member.shape
+    qpos1 = torch.arange(1, C * L + 1, device=cand.device).view(1, C, L, 1)
+    last = torch.where(member, qpos1, 0).amax(2)                                      # (B, C, N)
+    cand = torch.where(cand < T, cand, -1)
+    end = torch.zeros(B, T + 1, dtype=last.dtype, device=cand.device)
+    end.scatter_reduce_(1, torch.where(cand >= 0, cand, T).view(B, -1), last.view(B, -1), 'amax')
+    return cand, end[:, :T]                                                           # (B, C, N), (B, T)
+
+
+@torch.no_grad()
+def add_exploration(s, R, L, cand, end):
     """Training only: beside the exact cache, each query also attends to R random positions j <= i.
 
     They are drawn as a second "cache" over uniform random scores (a causal reservoir sample: the top-R
     of random keys among j <= i is a uniform R-subset), so select_cache builds them and causality holds
-    by construction. R = None attends to every earlier position (dense soft selection). An explored
-    position already in the query's exact cache is not added twice. Returns the widened (cand, member)."""
-    xcand, xmember = select_cache(torch.rand_like(s, dtype=torch.float32), R, -1.0, L)
+    by construction. R = None attends to every earlier position (dense soft selection). Both are
+    intervals that start at j, so their union is one: end_j is the later of the two ends. An explored
+    token already in a chunk's carried cache is listed once. Returns the widened (cand, end)."""
+    xcand, xend = cache_intervals(*select_cache(torch.rand_like(s, dtype=torch.float32), R, -1.0, L), s.shape[1])
     Kc, Rc = cand.shape[2] - L, xcand.shape[2] - L
     carry, xcarry = cand[..., :Kc], xcand[..., :Rc]                                  # (B, C, Kc), (B, C, Rc)
-    same = (xcarry[..., :, None] == carry[..., None, :]) & (xcarry[..., :, None] >= 0)  # (B, C, Rc, Kc)
-    twice = torch.einsum('bclk,bcrk->bclr', member[..., :Kc].float(), same.float()) > 0  # (B, C, L, Rc)
-    cand = torch.cat([carry, xcarry, cand[..., Kc:]], dim=2)                          # (B, C, Kc+Rc+L)
-    member = torch.cat([member[..., :Kc], xmember[..., :Rc] & ~twice, member[..., Kc:] | xmember[..., Rc:]], 3)
-    return cand, member
+    twice = (xcarry[..., :, None] == carry[..., None, :]).any(-1)                    # (B, C, Rc)
+    cand = torch.cat([carry, torch.where(twice, -1, xcarry), cand[..., Kc:]], dim=2)  # (B, C, Kc+Rc+L)
+    return cand, torch.maximum(end, xend)
+
+
+def cache_attention_torch(q, k, v, log_s, end, cand, null_k, null_v, L):
+    """The cache's training-time read-out, the reference (cache_kernel.py fuses it on a GPU).
+
+    q, k, v (B, T, H, hd); log_s, end (B, T); cand (B, C, N); null_k, null_v (H, hd). Query i attends to
+    the null slot and to the candidates j of its chunk with j <= i < end_j, with log s_j added to the
+    logit. Returns (B, T, H, hd)."""
+    B, T, H, hd = q.shape
+    C, N = cand.shape[1], cand.shape[2]
+    q = F.pad(q, (0, 0, 0, 0, 0, C * L - T)).view(B * C, L, H, hd).transpose(1, 2)    # (B*C, H, L, hd)
+    rows, at = torch.arange(B, device=q.device)[:, None, None], cand.clamp(min=0)    # (B, C, N) positions
+    qpos = torch.arange(C * L, device=q.device).view(1, C, L, 1)
+    visible = (cand >= 0)[:, :, None] & (cand[:, :, None] <= qpos) & (qpos < end[rows, at][:, :, None])  # (B, C, L, N)
+    score_bias = torch.where(visible, log_s[rows, at][:, :, None], -math.inf)
+    score_bias = F.pad(score_bias, (0, 1), value=0.0).view(B * C, 1, L, N + 1)     # + the null slot
+    cand_k = torch.cat([k[rows, at].view(B * C, N, H, hd), null_k.expand(B * C, 1, H, hd).to(k.dtype)], 1)
+    cand_v = torch.cat([v[rows, at].view(B * C, N, H, hd), null_v.expand(B * C, 1, H, hd).to(v.dtype)], 1)
+    att = F.scaled_dot_product_attention(q, cand_k.transpose(1, 2), cand_v.transpose(1, 2),
+                                         attn_mask=score_bias.to(q.dtype))            # (B*C, H, L, hd)
+    return att.transpose(1, 2).reshape(B, C * L, H, hd)[:, :T]
 
 
 class SparseCache(nn.Module):
@@ -387,6 +428,7 @@ class SparseCache(nn.Module):
         D, H = config.n_embd, config.n_head
         self.n_head, self.K, self.tau, self.L = H, config.K, config.cache_tau, config.cache_chunk
         self.R = None if config.cache_explore == -1 else config.cache_explore
+        self.impl = config.cache_impl
         self.qkv = nn.Linear(D, 3 * D, bias=config.bias)
         self.gate = nn.Linear(D, D, bias=config.bias)
         self.proj = nn.Linear(D, D, bias=config.bias)
@@ -397,22 +439,14 @@ class SparseCache(nn.Module):
         # y (B, T, D) the scan output, s (B, T) scores
         B, T, D = y.shape
         H, hd, L = self.n_head, D // self.n_head, self.L
-        exact = cand, member = select_cache(s.detach(), self.K, self.tau, L)   # (B, C, N), (B, C, L, N)
+        exact = select_cache(s.detach(), self.K, self.tau, L)              # (B, C, N), (B, C, L, N)
+        cand, end = cache_intervals(*exact, T)                             # (B, C, N), (B, T)
         if self.training and self.R != 0:
-            cand, member = add_exploration(s.detach(), self.R, L, cand, member)
-        C, N = cand.shape[1], cand.shape[2]
-        q, k, v = F.pad(self.qkv(y), (0, 0, 0, C * L - T)).split(D, dim=2)  # (B, C*L, D) each
-        q = q.view(B * C, L, H, hd).transpose(1, 2)    # (B*C, H, L, hd)
-        rows = torch.arange(B, device=y.device)[:, None, None]
-        at = cand.clamp(min=0)                         # (B, C, N) positions to gather
-        log_s = F.pad(torch.log(s.clamp(min=1e-30)), (0, C * L - T))    # (B, C*L)
-        cand_k = torch.cat([k[rows, at].view(B * C, N, H, hd), self.null_k.expand(B * C, 1, H, hd).to(k.dtype)], 1)
-        cand_v = torch.cat([v[rows, at].view(B * C, N, H, hd), self.null_v.expand(B * C, 1, H, hd).to(v.dtype)], 1)
-        score_bias = torch.where(member, log_s[rows, at][:, :, None, :], -math.inf)   # (B, C, L, N)
-        score_bias = F.pad(score_bias, (0, 1), value=0.0).view(B * C, 1, L, N + 1)  # + the null slot
-        att = F.scaled_dot_product_attention(q, cand_k.transpose(1, 2), cand_v.transpose(1, 2),
-                                             attn_mask=score_bias.to(q.dtype))
-        att = att.transpose(1, 2).reshape(B, C * L, D)[:, :T]  # (B, T, D)
+            cand, end = add_exploration(s.detach(), self.R, L, cand, end)
+        q, k, v = self.qkv(y).view(B, T, 3, H, hd).unbind(2)              # (B, T, H, hd) each
+        log_s = torch.log(s.clamp(min=1e-30))                              # (B, T)
+        attend = cache_attention_fused if _use_fused_cache(self.impl, y.device) else cache_attention_torch
+        att = attend(q, k, v, log_s, end, cand, self.null_k, self.null_v, L).reshape(B, T, D)
         out = y + torch.sigmoid(self.gate(y)) * self.proj(att)
         if not want_state:
             return out, None
@@ -1024,3 +1058,39 @@ def _bwd_tile(fwd_tile):
     return BWD_TILE
 
 
+
+
+# -----------------------------------------------------------------------------
+# Appendix: the fused cache read-out (cache_kernel.py, Triton). cache_impl='auto' uses it for tensors on
+# a GPU when Triton is installed; 'triton' insists (and runs on the CPU under TRITON_INTERPRET=1).
+
+
+_CACHE_KERNEL = None
+
+
+def _cache_kernel():
+    """cache_kernel.py, beside this file, imported once."""
+    global _CACHE_KERNEL
+    if _CACHE_KERNEL is None:
+        import importlib.util
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache_kernel.py")
+        spec = importlib.util.spec_from_file_location("mipt_cache_kernel", path)
+        _CACHE_KERNEL = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(_CACHE_KERNEL)
+    return _CACHE_KERNEL
+
+
+def _use_fused_cache(impl, device):
+    if impl == 'torch':
+        return False
+    ck = _cache_kernel()
+    if impl == 'auto':
+        return device.type == 'cuda' and ck.triton is not None
+    if not ck.available(device):
+        raise RuntimeError(f"cache_impl='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 on the CPU); "
+                           f"got {device.type}{'' if ck.triton else ' without Triton'}")
+    return True
+
+
+def cache_attention_fused(q, k, v, log_s, end, cand, null_k, null_v, L):
+    return _cache_kernel().CacheAttention.apply(q, k, v, log_s, end, cand, null_k, null_v, L)

@@ -427,21 +427,34 @@ def test_rank_is_the_rule():
         assert order[b].tolist() == want
 
 
-def explored_sets(s, K, R, L, seed):
-    torch.manual_seed(seed)
-    cand, member = select_cache(s, K, 0.0, L)
-    cand, member = mipt.add_exploration(s, R, L, cand, member)
-    B, T = s.shape
+def interval_sets(cand, end, L):
+    """The set each query attends to, read from (cand, end): j in its chunk's list with j <= i < end_j."""
+    B, T = end.shape
     out = []
     for b in range(B):
         rows = []
         for i in range(T):
-            c, l = divmod(i, L)
-            picked = cand[b, c][member[b, c, l]].tolist()
+            picked = [j for j in cand[b, i // L].tolist() if 0 <= j <= i < end[b, j]]
             assert len(picked) == len(set(picked)), 'a candidate attended twice'
             rows.append(set(picked))
         out.append(rows)
     return out
+
+
+def explored_sets(s, K, R, L, seed):
+    torch.manual_seed(seed)
+    cand, end = mipt.cache_intervals(*select_cache(s, K, 0.0, L), s.shape[1])
+    return interval_sets(*mipt.add_exploration(s, R, L, cand, end), L)
+
+
+@pytest.mark.parametrize('K,L,T', [(1, 4, 37), (3, 5, 41), (None, 6, 33), (2, 64, 70)])
+def test_cache_membership_is_one_interval_per_token(K, L, T):
+    """cache_intervals loses nothing: (cand, end) gives back select_cache's sets, ties included."""
+    gen = torch.Generator().manual_seed(T)
+    s = (torch.rand(2, T, generator=gen) * 4).floor() / 4
+    s[1, ::3] = 1.0
+    got = interval_sets(*mipt.cache_intervals(*select_cache(s, T if K is None else K, 0.25, L), T), L)
+    assert got == brute_force_cache(s, K, 0.25)
 
 
 @pytest.mark.parametrize('K,R,L,T', [(1, 3, 4, 37), (2, 5, 8, 41), (3, None, 5, 23)])
