@@ -27,9 +27,6 @@ try:
 except ImportError:  # optional: mipt.py falls back to the PyTorch reference
     triton = None
 
-BLOCK_Q = 64   # queries per program (a program never spans two chunks)
-BLOCK_N = 64   # candidates per tile
-
 
 def available(device):
     """True when the fused kernel can run on tensors of this device."""
@@ -46,8 +43,9 @@ if triton is not None:
     @triton.jit
     def _fwd_kernel(Q, K, V, LOGS, END, CAND, NK, NV, O, LSE,
                     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
-                    T, C, N, H, L, NQB, hd, scale,
+                    T, C, N, H, L, hd, scale,
                     HD: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr):
+        NQB = tl.cdiv(L, BQ)
         pid_q = tl.program_id(0)                       # chunk c, block qb inside it
         pid_bh = tl.program_id(1)
         b = pid_bh // H
@@ -96,8 +94,9 @@ if triton is not None:
     def _bwd_kernel(Q, K, V, LOGS, END, CAND, NK, NV, DO, LSE, DELTA,
                     DQ, DK, DV, DLOGS, DNK, DNV,
                     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
-                    T, C, N, H, L, NQB, hd, scale,
+                    T, C, N, H, L, hd, scale,
                     HD: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr):
+        NQB = tl.cdiv(L, BQ)
         pid_q = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
@@ -121,9 +120,8 @@ if triton is not None:
         p0 = tl.where(qmask, tl.exp(tl.sum(qf * nk[None, :], 1) * scale - lse), 0.0)   # (BQ,)
         ds0 = p0 * (tl.sum(dof * nv[None, :], 1) - delta)
         dq = ds0[:, None] * nk[None, :] * scale                                         # (BQ, HD) fp32
-        part = (pid_bh * tl.num_programs(0) + pid_q) * HD
-        tl.store(DNK + part + offs_d, tl.sum(ds0[:, None] * qf, 0) * scale)
-        tl.store(DNV + part + offs_d, tl.sum(p0[:, None] * dof, 0))
+        tl.atomic_add(DNK + h * hd + offs_d, tl.sum(ds0[:, None] * qf, 0) * scale, mask=dmask)
+        tl.atomic_add(DNV + h * hd + offs_d, tl.sum(p0[:, None] * dof, 0), mask=dmask)
         q_last = tl.max(tl.where(qmask, offs_q, -1), 0)
         for n0 in range(0, N, BN):
             offs_n = n0 + tl.arange(0, BN)
@@ -152,11 +150,21 @@ if triton is not None:
         tl.store(DQ + ((b * T + offs_q[:, None]) * H + h) * hd + offs_d[None, :], dq, mask=qd)
 
 
-def _launch_shape(T, L, H, B, hd):
-    BQ = BLOCK_Q if L >= BLOCK_Q else max(16, triton.next_power_of_2(L))
-    NQB = -(-L // BQ)
-    C = -(-T // L)
-    return BQ, NQB, (C * NQB, B * H), max(16, triton.next_power_of_2(hd))
+def _configs():
+    """Autotuned on a GPU (per candidate count, head size and chunk); one fixed block under the interpreter."""
+    import os
+    if os.environ.get('TRITON_INTERPRET') == '1' or not torch.cuda.is_available():
+        return [triton.Config({'BQ': 64, 'BN': 64})]
+    return [triton.Config({'BQ': bq, 'BN': bn}, num_warps=w) for bq in (32, 64) for bn in (32, 64) for w in (4, 8)]
+
+
+def _grid(T, L, B, H):
+    return lambda meta: (-(-T // L) * -(-L // meta['BQ']), B * H)   # (chunks x blocks per chunk, B x H)
+
+
+if triton is not None:
+    _fwd = triton.autotune(_configs(), key=['N', 'HD', 'L'])(_fwd_kernel)
+    _bwd = triton.autotune(_configs(), key=['N', 'HD', 'L'], reset_to_zero=['DK', 'DV', 'DLOGS', 'DNK', 'DNV'])(_bwd_kernel)
 
 
 class CacheAttention(torch.autograd.Function):
@@ -167,7 +175,7 @@ class CacheAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, log_s, end, cand, null_k, null_v, L):
         B, T, H, hd = q.shape
         C, N = cand.shape[1], cand.shape[2]
-        BQ, NQB, grid, HD = _launch_shape(T, L, H, B, hd)
+        HD = max(16, triton.next_power_of_2(hd))
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         v = v.to(q.dtype)
         k = k.to(q.dtype)
@@ -177,9 +185,9 @@ class CacheAttention(torch.autograd.Function):
         o = torch.empty(B, T, H, hd, device=q.device, dtype=q.dtype)
         lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
         scale = 1.0 / math.sqrt(hd)
-        _fwd_kernel[grid](q, k, v, log_s, end, cand, null_k, null_v, o, lse,
-                          *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-                          T, C, N, H, L, NQB, hd, scale, HD=HD, BQ=BQ, BN=BLOCK_N)
+        _fwd[_grid(T, L, B, H)](q, k, v, log_s, end, cand, null_k, null_v, o, lse,
+                                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+                                T, C, N, H, L, hd, scale, HD=HD)
         ctx.save_for_backward(q, k, v, log_s, end, cand, null_k, null_v, o, lse)
         ctx.L = L
         return o
@@ -189,7 +197,7 @@ class CacheAttention(torch.autograd.Function):
         q, k, v, log_s, end, cand, null_k, null_v, o, lse = ctx.saved_tensors
         B, T, H, hd = q.shape
         C, N = cand.shape[1], cand.shape[2]
-        BQ, NQB, grid, HD = _launch_shape(T, ctx.L, H, B, hd)
+        HD = max(16, triton.next_power_of_2(hd))
         do = do.to(q.dtype)
         do = do if do.stride(-1) == 1 else do.contiguous()
         delta = (do.float() * o.float()).sum(-1).permute(0, 2, 1).contiguous()          # (B, H, T)
@@ -197,16 +205,12 @@ class CacheAttention(torch.autograd.Function):
         dk = torch.zeros(B, T, H, hd, device=q.device, dtype=torch.float32)
         dv = torch.zeros(B, T, H, hd, device=q.device, dtype=torch.float32)
         dls = torch.zeros(B, T, device=q.device, dtype=torch.float32)
-        n_prog = grid[0] * grid[1]
-        dnk = torch.empty(n_prog, HD, device=q.device, dtype=torch.float32)
-        dnv = torch.empty(n_prog, HD, device=q.device, dtype=torch.float32)
-        _bwd_kernel[grid](q, k, v, log_s, end, cand, null_k, null_v, do, lse, delta,
-                          dq, dk, dv, dls, dnk, dnv,
-                          *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-                          T, C, N, H, ctx.L, NQB, hd, 1.0 / math.sqrt(hd), HD=HD, BQ=BQ, BN=BLOCK_N)
-        # per-program partials of the null slot's gradients, summed per head
-        dnk = dnk.view(B, H, grid[0], HD).sum((0, 2))[:, :hd]
-        dnv = dnv.view(B, H, grid[0], HD).sum((0, 2))[:, :hd]
+        dnk = torch.zeros(H, hd, device=q.device, dtype=torch.float32)
+        dnv = torch.zeros(H, hd, device=q.device, dtype=torch.float32)
+        _bwd[_grid(T, ctx.L, B, H)](q, k, v, log_s, end, cand, null_k, null_v, do, lse, delta,
+                                    dq, dk, dv, dls, dnk, dnv,
+                                    *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+                                    T, C, N, H, ctx.L, hd, 1.0 / math.sqrt(hd), HD=HD)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dls, None, None, dnk, dnv, None)
 
 

@@ -380,20 +380,28 @@ def cache_intervals(cand, member, T):
 
 
 @torch.no_grad()
-def add_exploration(s, R, L, cand, end):
+def add_exploration(noise, R, L, cand, end):
     """Training only: beside the exact cache, each query also attends to R random positions j <= i.
 
-    They are drawn as a second "cache" over uniform random scores (a causal reservoir sample: the top-R
-    of random keys among j <= i is a uniform R-subset), so select_cache builds them and causality holds
-    by construction. R = None attends to every earlier position (dense soft selection). Both are
-    intervals that start at j, so their union is one: end_j is the later of the two ends. An explored
-    token already in a chunk's carried cache is listed once. Returns the widened (cand, end)."""
-    xcand, xend = cache_intervals(*select_cache(torch.rand_like(s, dtype=torch.float32), R, -1.0, L), s.shape[1])
+    They are drawn as a second "cache" over the uniform random keys noise (B, T) (a causal reservoir
+    sample: the top-R of random keys among j <= i is a uniform R-subset), so select_cache builds them and
+    causality holds by construction. R = None attends to every earlier position (dense soft selection).
+    Both are intervals that start at j, so their union is one: end_j is the later of the two ends. An
+    explored token already in a chunk's carried cache is listed once. Returns the widened (cand, end)."""
+    xcand, xend = cache_intervals(*select_cache(noise, R, -1.0, L), noise.shape[1])
     Kc, Rc = cand.shape[2] - L, xcand.shape[2] - L
     carry, xcarry = cand[..., :Kc], xcand[..., :Rc]                                  # (B, C, Kc), (B, C, Rc)
     twice = (xcarry[..., :, None] == carry[..., None, :]).any(-1)                    # (B, C, Rc)
     cand = torch.cat([carry, torch.where(twice, -1, xcarry), cand[..., Kc:]], dim=2)  # (B, C, Kc+Rc+L)
     return cand, torch.maximum(end, xend)
+
+
+@torch.no_grad()
+def cache_plan(s, K, tau, L, R, noise):
+    """Who attends to whom in training: (cand (B, C, N), end (B, T)) for the exact cache, widened by
+    exploration when noise (B, T) holds random keys (None: exact only, as in eval)."""
+    cand, end = cache_intervals(*select_cache(s, K, tau, L), s.shape[1])
+    return (cand, end) if noise is None else add_exploration(noise, R, L, cand, end)
 
 
 def cache_attention_torch(q, k, v, log_s, end, cand, null_k, null_v, L):
@@ -439,19 +447,17 @@ class SparseCache(nn.Module):
         # y (B, T, D) the scan output, s (B, T) scores
         B, T, D = y.shape
         H, hd, L = self.n_head, D // self.n_head, self.L
-        exact = select_cache(s.detach(), self.K, self.tau, L)              # (B, C, N), (B, C, L, N)
-        cand, end = cache_intervals(*exact, T)                             # (B, C, N), (B, T)
-        if self.training and self.R != 0:
-            cand, end = add_exploration(s.detach(), self.R, L, cand, end)
+        noise = torch.rand_like(s, dtype=torch.float32) if self.training and self.R != 0 else None
+        fused = _use_fused_cache(self.impl, y.device)
+        cand, end = (cache_plan_compiled if fused else cache_plan)(s.detach(), self.K, self.tau, L, self.R, noise)
         q, k, v = self.qkv(y).view(B, T, 3, H, hd).unbind(2)              # (B, T, H, hd) each
         log_s = torch.log(s.clamp(min=1e-30))                              # (B, T)
-        attend = cache_attention_fused if _use_fused_cache(self.impl, y.device) else cache_attention_torch
-        att = attend(q, k, v, log_s, end, cand, self.null_k, self.null_v, L).reshape(B, T, D)
+        att = (cache_attention_fused if fused else cache_attention_torch)(q, k, v, log_s, end, cand, self.null_k, self.null_v, L).reshape(B, T, D)
         out = y + torch.sigmoid(self.gate(y)) * self.proj(att)
         if not want_state:
             return out, None
         # the decoding state after the last position: its row's exact cache, packed best first by THE RULE
-        cand, member = exact
+        cand, member = select_cache(s.detach(), self.K, self.tau, L)
         N = cand.shape[2]
         c, l = divmod(T - 1, L)
         pos = torch.where(member[:, c, l], cand[:, c], -1)                         # (B, N)
@@ -1094,3 +1100,17 @@ def _use_fused_cache(impl, device):
 
 def cache_attention_fused(q, k, v, log_s, end, cand, null_k, null_v, L):
     return _cache_kernel().CacheAttention.apply(q, k, v, log_s, end, cand, null_k, null_v, L)
+
+
+# The plan's sorts and small tensors cost more in kernel launches than in work: on the fused path it is
+# compiled once per shape (COMPILE_PLAN=None: eager; a torch.compile mode name otherwise).
+COMPILE_PLAN = 'default'
+_PLANS = {}
+
+
+def cache_plan_compiled(s, K, tau, L, R, noise):
+    if COMPILE_PLAN is None or s.device.type != 'cuda':
+        return cache_plan(s, K, tau, L, R, noise)
+    if COMPILE_PLAN not in _PLANS:
+        _PLANS[COMPILE_PLAN] = torch.compile(cache_plan, mode=COMPILE_PLAN, dynamic=False)
+    return tuple(t.clone() for t in _PLANS[COMPILE_PLAN](s, K, tau, L, R, noise))

@@ -67,6 +67,8 @@ batch_size = 12              # micro-batch size per process
 block_size = 64              # lm: window length; classify: truncation length; seq: the data's seq_len
 gradient_accumulation_steps = 1  # total over all DDP processes
 max_epochs = 0               # classify/seq: > 0 sets max_iters to max_epochs passes over train
+stop_at = 0.0                # classify/seq: end training (then test) once val accuracy reaches this; 0 = off
+max_minutes = 0.0            # > 0: training ends (eval, best checkpoint, test) after this many minutes of this process
 vocab_multiple = 1           # lm/seq: pad the vocabulary up to a multiple of this (64: 100277 -> 100288)
 # model: every MIPTConfig field is a key (vocab_size and n_classes come from the data); those not set
 # here (bias, attn_impl, cache_tau, cache_chunk, scan_impl, p_init, readout, ...) default to MIPTConfig's
@@ -108,7 +110,8 @@ _bad = [f"{k} must be >= {lo}, got {config[k]}" for k, lo in dict(  # every bad 
     max_iters=0, batch_size=1, eval_batch_size=0, eval_interval=1, eval_iters=1, vocab_multiple=1, warmup_iters=0,
     lr_decay_iters=0, max_epochs=0, gradient_accumulation_steps=1).items() if config[k] < lo]
 _bad += [f"{k} must be {want}, got {config[k]}" for k, ok, want in [
-    ('learning_rate', learning_rate > 0, '> 0'), ('min_lr', min_lr >= 0, '>= 0'),
+    ('learning_rate', learning_rate > 0, '> 0'), ('min_lr', min_lr >= 0, '>= 0'), ('stop_at', 0 <= stop_at <= 1, 'in [0, 1]'),
+    ('max_minutes', max_minutes >= 0, '>= 0'),
     ('beta1', 0 <= beta1 < 1, 'in [0, 1)'), ('beta2', 0 <= beta2 < 1, 'in [0, 1)'),
     ('weight_decay', weight_decay >= 0, '>= 0'), ('grad_clip', grad_clip >= 0, '>= 0')]
     if not (ok and math.isfinite(config[k]))]
@@ -546,10 +549,12 @@ if master:
           f"{max_iters} iters x {batch_size * gradient_accumulation_steps * world} seqs | {device} {dtype}", flush=True)
 pbar = tqdm(total=max_iters, initial=iter_num, disable=not master, dynamic_ncols=True, desc='train',
             mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
-tok_rate = None
+tok_rate, reached, out_of_time = None, False, False
 while True:
+    if max_minutes:
+        out_of_time = any_process(time.time() - t_start >= 60 * max_minutes)
     # evaluate, keep the best checkpoint, write ckpt_last.pt (skipped right after a resume: done already)
-    if (iter_num % eval_interval == 0 or iter_num >= max_iters) and iter_num != resumed_at:
+    if (iter_num % eval_interval == 0 or iter_num >= max_iters or out_of_time) and iter_num != resumed_at:
         try:
             res = evaluate('val')
         except Interrupted:
@@ -568,7 +573,12 @@ while True:
                        (' (best)' if improved else ''))
             log_file.write(json.dumps({'iter': iter_num, 'eval': res}) + '\n')
         save([best_path, last_path] if improved else [last_path])
-    if iter_num >= max_iters:
+        reached = bool(stop_at) and higher_is_better and val >= stop_at
+    if iter_num >= max_iters or reached or out_of_time:
+        if reached and master:
+            tqdm.write(f"val {metric_name} {val:.4f} >= stop_at {stop_at}: training ends at iter {iter_num}")
+        if out_of_time and master:
+            tqdm.write(f"max_minutes={max_minutes} reached: training ends at iter {iter_num} of {max_iters}")
         break
     # one optimisation step
     t0, lr, loss_sum, n_tok = time.time(), get_lr(iter_num), torch.zeros((), device=device), 0
@@ -650,6 +660,7 @@ if master:
                'train_config': config, 'model_config': dataclasses.asdict(raw_model.config),
                'params': params_total, 'params_non_embedding': params_non_emb,
                'best_val': {metric_name: best_val, 'iter': best_iter}, 'test': test, 'note': note, 'iters': iter_num,
+               'stopped_at_target': reached, 'stopped_at_time_limit': out_of_time and not reached,
                'final_train_loss': stats['last_loss'], 'peak_memory_bytes': peak, 'wall_time_s': time.time() - t_start,
                'tokens_per_sec': stats['train_tokens'] / stats['train_time'] if stats['train_time'] else None,
                'device': device_name, 'world_size': world, 'git_commit': commit, 'probe': probe,

@@ -8,8 +8,8 @@
 #   SET long   : the needle anywhere in N=2048 (MIPT K=16, R=512, 1 layer, 3 seeds; the twin, seed 1)
 #   SET lm     : the language models with and without the signal (shakespeare_char baby GPT; IMDB LM at
 #                1000 iterations, K=64)
-#   SET mqar   : MQAR (Zoology) at (L, N) = (512, 64), d_model 128, 2 layers: MIPT K=0/64/128, the twin,
-#                and the flash-linear-attention peers when installed (shrunk budget, see README)
+#   SET mqar   : MQAR (Zoology), d_model 128, 2 layers, at each (L, N) of SIZES: MIPT K=0/N/2N, the twin, and the
+#                flash-linear-attention peers (shrunk budget: MINUTES of wall time, EPOCHS, one lr per LRS; README)
 # The data: python data/needle/prepare.py; python data/needle/prepare.py --seq_len 2048 --span 0.0 1.0
 # --out_dir data/needle2048; python data/mqar/prepare.py; python data/{shakespeare_char,imdb}/prepare.py
 set -u
@@ -40,11 +40,18 @@ if [ "$set" = lm ]; then
   lm="config/lm_imdb.py --max_iters=1000 --lr_decay_iters=1000 --warmup_iters=100 --eval_interval=100 --cache_size=64"
   for R in 0 64; do cmds+=("$PY train.py $lm --cache_explore=$R --out_dir=$root/lmimdb-K64-R$R"); done
 fi
-if [ "$set" = mqar ]; then
-  mq="config/mqar.py"
-  for K in 0 64 128; do cmds+=("$PY train.py $mq --cache_size=$K --out_dir=$root/mqar-K$K"); done
-  cmds+=("$PY train.py $mq --mixer=attention --cache_size=0 --out_dir=$root/mqar-attn")
-  for p in gated_deltanet mamba2 gla; do cmds+=("$PY train.py $mq --cache_size=0 --peer=$p --out_dir=$root/mqar-$p"); done
+if [ "$set" = mqar ]; then  # SIZES (LxN; 512x64 reads data/mqar, others data/mqar<LxN>), LRS, MINUTES, EPOCHS
+  for size in ${SIZES:-512x64}; do
+    n=${size#*x}; ds=mqar; bs=128; [ "$size" = 512x64 ] || { ds=mqar$size; bs=256; }
+    mq="config/mqar.py --dataset=$ds --batch_size=$bs --max_minutes=${MINUTES:-8} --max_epochs=${EPOCHS:-4}"
+    for lr in ${LRS:-2.2e-3}; do
+      for K in 0 $n $((2 * n)); do cmds+=("$PY train.py $mq --learning_rate=$lr --cache_size=$K --out_dir=$root/mqar$size-K$K-lr$lr"); done
+      cmds+=("$PY train.py $mq --learning_rate=$lr --mixer=attention --cache_size=0 --out_dir=$root/mqar$size-attn-lr$lr")
+      for p in gated_deltanet mamba2 gla; do
+        cmds+=("$PY train.py $mq --learning_rate=$lr --cache_size=0 --peer=$p --out_dir=$root/mqar$size-$p-lr$lr")
+      done
+    done
+  done
 fi
 run_one() {  # run one command, logging it beside its run
   local cmd=$1 dir=${1##*--out_dir=}

@@ -16,8 +16,7 @@ DEV = 'cuda' if torch.cuda.is_available() else 'cpu'
 
 
 def intervals(s, K, R, L, tau=0.0):
-    cand, end = mipt.cache_intervals(*mipt.select_cache(s, K, tau, L), s.shape[1])
-    return mipt.add_exploration(s, R, L, cand, end) if R != 0 else (cand, end)
+    return mipt.cache_plan(s, K, tau, L, R, torch.rand(s.shape) if R != 0 else None)
 
 
 def both(B, T, H, hd, L, K, R, dtype, seed):

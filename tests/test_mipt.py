@@ -443,8 +443,7 @@ def interval_sets(cand, end, L):
 
 def explored_sets(s, K, R, L, seed):
     torch.manual_seed(seed)
-    cand, end = mipt.cache_intervals(*select_cache(s, K, 0.0, L), s.shape[1])
-    return interval_sets(*mipt.add_exploration(s, R, L, cand, end), L)
+    return interval_sets(*mipt.cache_plan(s, K, 0.0, L, R, torch.rand(s.shape)), L)
 
 
 @pytest.mark.parametrize('K,L,T', [(1, 4, 37), (3, 5, 41), (None, 6, 33), (2, 64, 70)])
