@@ -9,8 +9,10 @@ without materialising the gathered keys, the (B, C, L, N) mask or the attention 
 The forward kernel runs one program per (query block, batch x head): it loads the block's queries,
 walks the chunk's candidate list in tiles, gathers each tile's keys and values by index, masks them by
 their interval and keeps an online softmax (flash attention's recurrence) seeded with the null slot.
-The backward kernel recomputes the probabilities from the saved log-sum-exp; dq stays in registers,
-while dk, dv and d log s are scattered with atomic adds (a key sits in many chunks' candidate lists).
+The backward pass recomputes the probabilities from the saved log-sum-exp in two kernels: one per query
+block for dq (in registers), one per (chunk, candidate tile) for dk, dv and d log s, which loops over the
+chunk's queries and writes each candidate row once per chunk. A chunk's own positions are written with
+plain stores; the carried ones, which sit in several chunks' lists, with atomic adds into a second buffer.
 
 Triton runs on the GPU; with TRITON_INTERPRET=1 set before import it also runs on the CPU (slowly),
 which is how the CPU tests check it. Without Triton, `available()` is False and mipt.py uses the
@@ -91,8 +93,7 @@ if triton is not None:
         tl.store(LSE + (b * H + h) * T + offs_q, m + tl.log(l), mask=qmask)
 
     @triton.jit
-    def _bwd_kernel(Q, K, V, LOGS, END, CAND, NK, NV, DO, LSE, DELTA,
-                    DQ, DK, DV, DLOGS, DNK, DNV,
+    def _bwd_dq_kernel(Q, K, V, LOGS, END, CAND, NK, NV, DO, LSE, DELTA, DQ, DNK, DNV,
                     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
                     T, C, N, H, L, hd, scale,
                     HD: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr):
@@ -140,14 +141,60 @@ if triton is not None:
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k) * scale
-            dk = tl.dot(tl.trans(ds.to(q.dtype)), q) * scale                 # (BN, HD)
-            dv = tl.dot(tl.trans(p.to(do.dtype)), do)
-            rows = (b * T + at) * H + h
-            kd = live[:, None] & dmask[None, :]
-            tl.atomic_add(DK + rows[:, None] * hd + offs_d[None, :], dk, mask=kd)
-            tl.atomic_add(DV + rows[:, None] * hd + offs_d[None, :], dv, mask=kd)
-            tl.atomic_add(DLOGS + b * T + at, tl.sum(ds, 0), mask=live)
         tl.store(DQ + ((b * T + offs_q[:, None]) * H + h) * hd + offs_d[None, :], dq, mask=qd)
+
+    @triton.jit
+    def _bwd_dkv_kernel(Q, K, V, LOGS, END, CAND, DO, LSE, DELTA, DK, DV, DKC, DVC, DLOGS,
+                        sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
+                        T, C, N, NC, H, L, hd, scale,
+                        HD: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr):
+        # one program per (chunk, tile of its candidates): dk, dv stay in registers over the chunk's queries.
+        # The chunk's own positions (entries NC.. of its list) have no other writer: plain stores into DK, DV.
+        # Carried entries also sit in other chunks' lists: atomic adds into DKC, DVC.
+        NNB = tl.cdiv(N, BN)
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        c = pid_n // NNB
+        offs_n = (pid_n % NNB) * BN + tl.arange(0, BN)
+        offs_d = tl.arange(0, HD)
+        dmask = offs_d < hd
+        idx = tl.load(CAND + (b * C + c) * N + offs_n, mask=offs_n < N, other=-1)          # (BN,)
+        live = idx >= 0
+        at = tl.where(live, idx, 0)
+        e = tl.load(END + b * T + at, mask=live, other=0)
+        ls = tl.load(LOGS + b * T + at, mask=live, other=0.0)
+        kd = live[:, None] & dmask[None, :]
+        k = tl.load(K + b * skb + at[:, None] * skt + h * skh + offs_d[None, :], mask=kd, other=0.0)
+        v = tl.load(V + b * svb + at[:, None] * svt + h * svh + offs_d[None, :], mask=kd, other=0.0)
+        dk = tl.zeros((BN, HD), tl.float32)
+        dv = tl.zeros((BN, HD), tl.float32)
+        dls = tl.zeros((BN,), tl.float32)
+        for q0 in range(0, L, BQ):
+            offs_q = c * L + q0 + tl.arange(0, BQ)
+            qmask = (offs_q < T) & (q0 + tl.arange(0, BQ) < L)
+            qd = qmask[:, None] & dmask[None, :]
+            q = tl.load(Q + b * sqb + offs_q[:, None] * sqt + h * sqh + offs_d[None, :], mask=qd, other=0.0)
+            do = tl.load(DO + b * sdb + offs_q[:, None] * sdt + h * sdh + offs_d[None, :], mask=qd, other=0.0)
+            lse = tl.load(LSE + (b * H + h) * T + offs_q, mask=qmask, other=0.0)
+            delta = tl.load(DELTA + (b * H + h) * T + offs_q, mask=qmask, other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale + ls[None, :]                              # (BQ, BN)
+            vis = (qmask[:, None] & live[None, :] & (idx[None, :] <= offs_q[:, None])
+                   & (offs_q[:, None] < e[None, :]))
+            p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
+            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+            dls += tl.sum(ds, 0)
+        rows = (b * T + at) * H + h
+        ptr = rows[:, None] * hd + offs_d[None, :]
+        own = (offs_n >= NC)[:, None]
+        tl.store(DK + ptr, dk * scale, mask=kd & own)
+        tl.store(DV + ptr, dv, mask=kd & own)
+        tl.atomic_add(DKC + ptr, dk * scale, mask=kd & ~own)
+        tl.atomic_add(DVC + ptr, dv, mask=kd & ~own)
+        tl.atomic_add(DLOGS + b * T + at, dls, mask=live)
 
 
 def _configs():
@@ -162,14 +209,20 @@ def _grid(T, L, B, H):
     return lambda meta: (-(-T // L) * -(-L // meta['BQ']), B * H)   # (chunks x blocks per chunk, B x H)
 
 
+def _grid_dkv(T, L, N, B, H):
+    return lambda meta: (-(-T // L) * -(-N // meta['BN']), B * H)   # (chunks x candidate tiles, B x H)
+
+
 if triton is not None:
     _fwd = triton.autotune(_configs(), key=['N', 'HD', 'L'])(_fwd_kernel)
-    _bwd = triton.autotune(_configs(), key=['N', 'HD', 'L'], reset_to_zero=['DK', 'DV', 'DLOGS', 'DNK', 'DNV'])(_bwd_kernel)
+    _bwd_dq = triton.autotune(_configs(), key=['N', 'HD', 'L'], reset_to_zero=['DNK', 'DNV'])(_bwd_dq_kernel)
+    _bwd_dkv = triton.autotune(_configs(), key=['N', 'HD', 'L'], reset_to_zero=['DKC', 'DVC', 'DLOGS'])(_bwd_dkv_kernel)
 
 
 class CacheAttention(torch.autograd.Function):
     """att (B, T, H, hd) from q, k, v (B, T, H, hd), log_s (B, T), end (B, T) int, cand (B, C, N) int,
-    null_k, null_v (H, hd) and the chunk length L. See cache_attention_torch in mipt.py."""
+    null_k, null_v (H, hd) and the chunk length L. See cache_attention_torch in mipt.py. As mipt.cache_plan
+    builds it, the last L entries of chunk c's list are its own positions c L .. c L + L - 1 (-1 past T)."""
 
     @staticmethod
     def forward(ctx, q, k, v, log_s, end, cand, null_k, null_v, L):
@@ -202,15 +255,19 @@ class CacheAttention(torch.autograd.Function):
         do = do if do.stride(-1) == 1 else do.contiguous()
         delta = (do.float() * o.float()).sum(-1).permute(0, 2, 1).contiguous()          # (B, H, T)
         dq = torch.empty(B, T, H, hd, device=q.device, dtype=torch.float32)
-        dk = torch.zeros(B, T, H, hd, device=q.device, dtype=torch.float32)
-        dv = torch.zeros(B, T, H, hd, device=q.device, dtype=torch.float32)
+        dk, dv = (torch.empty(B, T, H, hd, device=q.device, dtype=torch.float32) for _ in range(2))
+        dkc, dvc = (torch.zeros(B, T, H, hd, device=q.device, dtype=torch.float32) for _ in range(2))
         dls = torch.zeros(B, T, device=q.device, dtype=torch.float32)
         dnk = torch.zeros(H, hd, device=q.device, dtype=torch.float32)
         dnv = torch.zeros(H, hd, device=q.device, dtype=torch.float32)
-        _bwd[_grid(T, ctx.L, B, H)](q, k, v, log_s, end, cand, null_k, null_v, do, lse, delta,
-                                    dq, dk, dv, dls, dnk, dnv,
-                                    *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-                                    T, C, N, H, ctx.L, hd, 1.0 / math.sqrt(hd), HD=HD)
+        strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
+        scale = 1.0 / math.sqrt(hd)
+        _bwd_dq[_grid(T, ctx.L, B, H)](q, k, v, log_s, end, cand, null_k, null_v, do, lse, delta, dq, dnk, dnv,
+                                       *strides, T, C, N, H, ctx.L, hd, scale, HD=HD)
+        _bwd_dkv[_grid_dkv(T, ctx.L, N, B, H)](q, k, v, log_s, end, cand, do, lse, delta, dk, dv, dkc, dvc, dls,
+                                               *strides, T, C, N, N - ctx.L, H, ctx.L, hd, scale, HD=HD)
+        dk += dkc
+        dv += dvc
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dls, None, None, dnk, dnv, None)
 
 

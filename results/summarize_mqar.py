@@ -1,0 +1,114 @@
+"""MQAR (issue #10) from the H200 runs of `results/recall.sh RUNS JOBS mqar`, into results/mqar.json and the MQAR
+keys of results/summary.json (other keys are kept). python results/summarize_mqar.py
+
+Source: results/raw/mqar/<run>/{metrics.json, command.txt, stdout_tail.txt}, one folder per run (a run with no
+metrics.json failed; its stdout's last line says why). For each (L, N) and model, the learning rate is chosen
+on val accuracy; test is read once per run by train.py. Decoding state per layer, float32 throughout: MIPT's
+h plus its K slots (MIPT.state_bytes of a fresh state), the peers' recurrent state and conv windows
+(peers.state_bytes), attention's KV cache at L (2 L d x 4 bytes).
+"""
+import json
+import os
+import sys
+
+here = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(here))
+import peers  # noqa: E402
+from mipt import MIPT, MIPTConfig  # noqa: E402
+
+raw = os.path.join(here, 'raw', 'mqar')
+PEERS = ('gated_deltanet', 'mamba2', 'gla')
+
+
+def model_name(run):
+    """'mqar512x64-K64-lr2.2e-3' -> ('512x64', 'K64', '2.2e-3')."""
+    size, model, lr = run.split('-', 2)
+    return size[len('mqar'):], model, lr[len('lr'):]
+
+
+def state_bytes(m, L):
+    cfg = m['model_config']
+    D, H = cfg['n_embd'], cfg['n_head']
+    if m['peer']:
+        return peers.state_bytes(m['peer'], D, H)
+    if cfg['mixer'] == 'attention':
+        return 2 * L * D * 4
+    model = MIPT(MIPTConfig(**{**cfg, 'scan_impl': 'torch'}))
+    return MIPT.state_bytes(model.init_state(1)) // cfg['n_layer']
+
+
+runs = {}
+for run in sorted(os.listdir(raw)):
+    d = os.path.join(raw, run)
+    size, model, lr = model_name(run)
+    row = {'run': run, 'lr': float(lr), 'command': open(os.path.join(d, 'command.txt')).read().strip()}
+    mpath = os.path.join(d, 'metrics.json')
+    if os.path.exists(mpath):
+        m = json.load(open(mpath))
+        L = int(size.split('x')[0])
+        row.update(val=m['best_val']['acc'], best_iter=m['best_val']['iter'], test=(m['test'] or {}).get('acc'),
+                   iters=m['iters'], epochs=round(m['iters'] * m['train_config']['batch_size'] / 100_000, 2),
+                   stopped='val >= 0.99' if m.get('stopped_at_target') else
+                   'time limit' if m.get('stopped_at_time_limit') else 'epochs',
+                   tokens_per_s=m['tokens_per_sec'], wall_s=round(m['wall_time_s']), device=m['device'],
+                   commit=m['git_commit'], state_bytes_per_layer=state_bytes(m, L),
+                   impl=m['model_config'].get('cache_impl') if not m['peer'] else m['peer'])
+    else:
+        tail = open(os.path.join(d, 'stdout_tail.txt')).read().strip().splitlines()
+        row.update(val=None, test=None, error=next((t for t in reversed(tail) if 'Error' in t), tail[-1] if tail else ''))
+    runs.setdefault(size, {}).setdefault(model, []).append(row)
+
+table = {}
+for size, models in runs.items():
+    n = int(size.split('x')[1])
+    order = ['K0', f'K{n}', f'K{2 * n}', 'attn', *PEERS]
+    table[size] = {}
+    for model in order:
+        rows = models.get(model, [])
+        done = [r for r in rows if r['val'] is not None]
+        best = max(done, key=lambda r: r['val']) if done else (rows[0] if rows else None)
+        if best is not None:
+            table[size][model] = {**best, 'lrs_tried': sorted(r['lr'] for r in rows)}
+
+out = {'protocol': 'Zoology MQAR, V=8192, 2 layers, d_model 128, 100k train / 3k val / 3k test, AdamW wd 0.1, '
+                   'cosine; shrunk: at most MINUTES of wall time per run (several runs share one H200), up to 4 '
+                   'epochs at 512x64 (16 below), stop at val 0.99, lrs as listed per row (chosen on val)',
+       'command': 'SIZES="512x64 128x8 ..." LRS="..." MINUTES=8 bash results/recall.sh RUNS 14 mqar; '
+                  'python results/summarize_mqar.py',
+       'table': table, 'runs': runs}
+with open(os.path.join(here, 'mqar.json'), 'w') as f:
+    json.dump(out, f, indent=1)
+
+
+def target(measured, goal, met, source, note=''):
+    return {'measured': measured, 'goal': goal, 'met': met, 'source': source, 'note': note}
+
+
+t512 = table.get('512x64', {})
+mipt = t512.get('K64', {}).get('test')
+peer_scores = {p: t512[p]['test'] for p in PEERS if p in t512 and t512[p].get('test') is not None}
+path = os.path.join(here, 'summary.json')
+summary = json.load(open(path))
+t = summary['targets']
+if mipt is not None:
+    t['mqar_512x64_d128_mipt_acc'] = target(mipt, 0.99, mipt >= 0.99, 'results/mqar.json',
+                                            f"K=64 (=N), shrunk budget ({t512['K64']['epochs']} epochs, "
+                                            f"{t512['K64']['stopped']}); attention twin {t512.get('attn', {}).get('test')}")
+if mipt is not None and peer_scores:
+    best = max(peer_scores, key=peer_scores.get)
+    missing = [p for p in PEERS if p not in peer_scores]
+    gap = mipt - peer_scores[best]
+    t['mqar_512x64_mipt_minus_best_peer'] = target(
+        gap, 0.0, gap > 0 and not missing, 'results/mqar.json',
+        f"best recurrent peer {best} at {peer_scores[best]:.4f}" +
+        (f"; not measured: {', '.join(missing)}" if missing else ''))
+with open(path, 'w') as f:
+    json.dump(summary, f, indent=1)
+for size in table:
+    print(f"== {size}")
+    for model, r in table[size].items():
+        print(f"  {model:15s} val {r.get('val')} test {r.get('test')} lr {r['lr']} epochs {r.get('epochs')} "
+              f"({r.get('stopped')}) state {r.get('state_bytes_per_layer')} {r.get('error', '')[:90]}")
+for k in ('mqar_512x64_d128_mipt_acc', 'mqar_512x64_mipt_minus_best_peer'):
+    if k in t:
+        print(f"{k}: {t[k]['measured']} (goal {t[k]['goal']}, met {t[k]['met']}) {t[k]['note']}")
