@@ -295,6 +295,7 @@ BAD_VALUES = [
     ('--beta2=-0.1', 'beta2 must be in [0, 1)'), ('--weight_decay=-1', 'weight_decay must be >= 0'),
     ('--grad_clip=-1', 'grad_clip must be >= 0'), ('--task=needle', "task must be one of 'lm', 'classify', 'seq'"),
     ('--init_from=gpt2', 'init_from must be one of'), ('--dtype=float8', 'dtype must be one of'),
+    ('--stop_at=1.5', 'stop_at must be in [0, 1]'), ('--max_minutes=-1', 'max_minutes must be >= 0'),
 ]
 # (id, extra args, exit status, message in stderr, fails before out_dir is written). Placeholders: {lm}, {cls},
 # {seq}: the fixture datasets; {out}: this case's out_dir (default); {run}: a copy of lm_run's out_dir;
@@ -532,6 +533,18 @@ def test_seq(seq_dir, tmp_path):
     assert 0 <= m['best_val']['acc'] <= 1 and 0 <= m['test']['acc'] <= 1 and m['test']['loss'] > 0
     # accuracy is over the 4 query positions of each row only: a multiple of 1/64 on the 16 test rows
     assert (m['test']['acc'] * 64) == pytest.approx(round(m['test']['acc'] * 64))
+
+
+def test_seq_stop_at_and_time_limit(seq_dir, tmp_path):
+    """stop_at=0.0001 ends training at the first evaluation that reaches it; max_minutes ends it at the next
+    iteration once the time is up. Either way the best checkpoint is tested and the reason recorded."""
+    common = ['--task=seq', f'--data_dir={seq_dir}', '--max_epochs=4', '--eval_interval=2', '--batch_size=8']
+    ok(run('train.py', *TINY, *common, f'--out_dir={tmp_path / "a"}', '--stop_at=0.0001', '--learning_rate=0.05'))
+    m = json.loads((tmp_path / 'a' / 'metrics.json').read_text())
+    assert m['stopped_at_target'] and m['iters'] < 4 * 64 // 8 and m['best_val']['acc'] >= 0.0001 and m['test']
+    r = ok(run('train.py', *TINY, *common, f'--out_dir={tmp_path / "b"}', '--max_minutes=0.00001'))
+    m = json.loads((tmp_path / 'b' / 'metrics.json').read_text())
+    assert m['stopped_at_time_limit'] and m['iters'] == 0 and m['test'] and 'max_minutes=1e-05 reached' in r.stdout + r.stderr
 
 
 @pytest.fixture(scope='session')
