@@ -58,6 +58,7 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 # -----------------------------------------------------------------------------
 # Config
@@ -84,6 +85,7 @@ class MIPTConfig:
     readout: str = 'last'        # classifier read-out: 'last' | 'mean'
     scan_impl: str = 'auto'      # 'auto' (CUDA kernel when available) | 'torch' | 'cuda'
     cache_impl: str = 'auto'     # the cache's training read-out: 'auto' (Triton kernel on a GPU) | 'torch' | 'triton'
+    recompute: bool = False      # training: keep only each MIPT layer's input, run its forward again in backward
 
     def __post_init__(self):
         def need(ok, msg):
@@ -518,7 +520,7 @@ class MIPTLayer(nn.Module):
     def __init__(self, config):
         super().__init__()
         D = config.n_embd
-        self.n_embd, self.scan_impl = D, config.scan_impl
+        self.n_embd, self.scan_impl, self.recompute = D, config.scan_impl, config.recompute
         self.proj = nn.Linear(D, 4 * D, bias=True)  # rows: [W_p | W_theta | W_r | W_i]
         self.cache = SparseCache(config) if config.cache_size != 0 else None
 
@@ -529,6 +531,12 @@ class MIPTLayer(nn.Module):
         return y, h_last, torch.sigmoid(logit.to(y.dtype)).mean(-1)
 
     def forward(self, x, want_state=False):
+        if self.recompute and self.training and torch.is_grad_enabled() and not want_state:
+            # less memory: autograd keeps x alone and replays this forward (its random draws too) in backward
+            return torch.utils.checkpoint.checkpoint(self._forward, x, False, use_reentrant=False)
+        return self._forward(x, want_state)
+
+    def _forward(self, x, want_state):
         y, h_last, s = self.recur(x)
         out, slots = (y, None) if self.cache is None else self.cache(y, s, want_state)
         state = MIPTState(h=h_last, s=s[:, -1].detach(), cache=slots) if want_state else None

@@ -131,3 +131,24 @@ def test_triton_impl_needs_a_backend(monkeypatch):
         model(torch.zeros(1, 5, dtype=torch.long))
     with pytest.raises(ValueError, match=r"cache_impl must be 'auto', 'torch' or 'triton', got 'cuda'"):
         MIPTConfig(cache_impl='cuda')
+
+
+def test_recompute_is_the_same_function():
+    """recompute=True (the layer's forward replayed in backward, its exploration draws too): same loss and
+    gradients as keeping the activations."""
+    cfg = dict(vocab_size=40, block_size=96, n_layer=2, n_embd=32, n_head=4, cache_chunk=8, cache_size=2,
+               cache_explore=3, cache_impl='torch')
+    torch.manual_seed(0)
+    a = MIPT(MIPTConfig(**cfg)).train()
+    b = MIPT(MIPTConfig(**cfg, recompute=True)).train()
+    b.load_state_dict(a.state_dict())
+    idx = torch.randint(0, 40, (2, 45), generator=torch.Generator().manual_seed(1))
+    out = []
+    for model in (a, b):
+        torch.manual_seed(7)
+        _, loss = model(idx, targets=idx)
+        loss.backward()
+        out.append((loss.item(), {n: p.grad for n, p in model.named_parameters()}))
+    assert out[0][0] == pytest.approx(out[1][0], rel=1e-6)
+    for n, g in out[0][1].items():
+        assert torch.allclose(g, out[1][1][n], rtol=1e-5, atol=1e-7), n
