@@ -50,7 +50,7 @@ if triton is not None:
         NQB = tl.cdiv(L, BQ)
         pid_q = tl.program_id(0)                       # chunk c, block qb inside it
         pid_bh = tl.program_id(1)
-        b = pid_bh // H
+        b = (pid_bh // H).to(tl.int64)          # int64: b * T * 3D passes 2^31 at long contexts
         h = pid_bh % H
         c = pid_q // NQB
         qb = pid_q % NQB
@@ -100,7 +100,7 @@ if triton is not None:
         NQB = tl.cdiv(L, BQ)
         pid_q = tl.program_id(0)
         pid_bh = tl.program_id(1)
-        b = pid_bh // H
+        b = (pid_bh // H).to(tl.int64)          # int64: b * T * 3D passes 2^31 at long contexts
         h = pid_bh % H
         c = pid_q // NQB
         qb = pid_q % NQB
@@ -154,7 +154,7 @@ if triton is not None:
         NNB = tl.cdiv(N, BN)
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
-        b = pid_bh // H
+        b = (pid_bh // H).to(tl.int64)          # int64: b * T * 3D passes 2^31 at long contexts
         h = pid_bh % H
         c = pid_n // NNB
         offs_n = (pid_n % NNB) * BN + tl.arange(0, BN)

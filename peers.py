@@ -18,6 +18,7 @@ API
     use_peer(model, name)    replace every block's .mix of a MIPT model in place; returns the model
     state_bytes(name, D, H, batch=1, dtype_bytes=4)   the peer's per-layer recurrent decoding state
     warmup(module, B, T, D, device, dtype)            one forward+backward, so that Triton autotunes before timing
+    hopper_triton_bug()      whether fla's guard against its Hopper/Triton < 3.7.1 bug would trip here (see below)
 
 Constructor arguments. Each peer is sized to about the parameters of a MIPT mixer with a cache (K > 0) at the
 same width D, 9.0 D^2 (its projections 4 D^2, the cache's 5 D^2; K = 0 and the attention twin have 4.0 D^2).
@@ -50,6 +51,17 @@ the SSD recurrence h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t^T, y_t = C_t h_t + D
 runs the recurrence through fla's Triton kernel for the same recurrence, chunk_simple_gla (q = C, k = B,
 v = dt x, per-head log decay g = dt A, scale 1). `mixer.impl` says which path runs.
 
+Hopper with Triton 3.4.0 <= version < 3.7.1 (e.g. an H200 with Triton 3.6): fla's gated chunk_bwd_dqkwg gives
+wrong gradients there, and fla refuses to run it (fla/ops/common/chunk_o.py, fla issue #640); it is the backward of
+chunk_gated_delta_rule and chunk_simple_gla. Where that guard would trip (hopper_triton_bug(), read off fla's own
+flags), and only for calls that autograd will differentiate, the two peers that need it use other exact fla paths
+(no-grad forwards keep the chunk kernels, whose forward is fine): mamba2's SSD runs through parallel_simple_gla
+(Triton, the attention form, same g convention), and fla's GatedDeltaNet layer calls chunk_gated_delta_rule_naive
+(make_mixer rebinds the name chunk_gated_delta_rule in fla.layers.gated_deltanet; fla's PyTorch
+naive_chunk_gated_delta_rule in fp32, after the kernel's fused q/k L2 norm, sigmoid beta and gate; no cu_seqlens).
+Both are slower than the chunk kernels (parallel is O(T^2); the naive chunk is plain
+PyTorch): time training elsewhere. Everywhere else nothing changes.
+
 Warm-up. fla's Triton kernels autotune on their first call for a given shape and dtype (this can take minutes:
 many configurations are compiled and timed); Triton caches the choice on disk (~/.triton/cache) for later
 processes on the same machine. Call warmup(module, B, T, D, device, dtype) once per shape before timing, or
@@ -63,6 +75,7 @@ this module then loads the fla package without its __init__ (the layers need onl
 checked with transformers 4.57.6 and 5.24.0). Install with --no-deps to keep pip from upgrading transformers.
 """
 
+import functools
 import importlib
 import importlib.util
 import logging
@@ -166,6 +179,11 @@ def _bare_package(name):
     return mod
 
 
+_SUBSTITUTES = [('fla.ops.simple_gla', 'parallel_simple_gla'), ('fla.ops.simple_gla', 'fused_recurrent_simple_gla'),
+                ('fla.ops.gated_delta_rule.naive', 'naive_chunk_gated_delta_rule'),
+                ('fla.ops.gated_delta_rule.gate', 'naive_gdn_gate')]
+
+
 def _import_fla():
     """Import the fla layer classes once; None (and _FLA_ERROR set) when fla is missing or broken."""
     global _FLA, _FLA_ERROR
@@ -188,9 +206,14 @@ def _import_fla():
         try:
             classes = {p.cls: getattr(importlib.import_module(p.module), p.cls) for p in PEERS.values()}
             from fla.ops.simple_gla import chunk_simple_gla
+            classes['chunk_simple_gla'] = chunk_simple_gla
+            for mod, fn in _SUBSTITUTES:  # for hopper_triton_bug(); an fla without one of them still imports
+                try:
+                    classes[fn] = getattr(importlib.import_module(mod), fn)
+                except (ImportError, AttributeError):
+                    pass
         finally:
             quiet.setLevel(level)
-        classes['chunk_simple_gla'] = chunk_simple_gla
         _FLA = classes
     except Exception as exc:  # ImportError, or a broken install (e.g. a Triton mismatch)
         _FLA_ERROR = f"{type(exc).__name__}: {exc}"
@@ -212,6 +235,131 @@ def _require_fla():
         raise SystemExit(f"peers: flash-linear-attention is not importable ({_FLA_ERROR.splitlines()[0]}); "
                          f"`{INSTALL}`")
     return _FLA
+
+
+def _fla_fn(name):
+    """One of the fla functions _import_fla collects (a kernel or a substitute), with a clear error if missing."""
+    fn = _require_fla().get(name)
+    if fn is None:
+        raise RuntimeError(f"peers: this flash-linear-attention has no {name} (peers.py was written against 0.6.0)")
+    return fn
+
+
+# -----------------------------------------------------------------------------
+# Hopper with Triton 3.4.0 <= version < 3.7.1: fla's gated chunk_bwd_dqkwg is wrong there (fla #640)
+
+
+def hopper_triton_bug():
+    """Whether fla's guard in chunk_bwd_dqkwg (fla/ops/common/chunk_o.py) would trip here: a Hopper GPU with
+    3.4.0 <= Triton < 3.7.1, read off the flags that guard uses. False without fla, or with an fla without them."""
+    if _import_fla() is None:
+        return False
+    try:
+        mod = importlib.import_module('fla.ops.common.chunk_o')
+    except Exception:
+        return False
+    flags = [getattr(mod, f, None) for f in ('IS_NVIDIA_HOPPER', 'TRITON_ABOVE_3_4_0', 'TRITON_ABOVE_3_7_1')]
+    if any(f is None for f in flags):
+        return False
+    hopper, above_3_4_0, above_3_7_1 = flags
+    return bool(hopper and above_3_4_0 and not above_3_7_1)
+
+
+def _needs_backward(*tensors):
+    """Whether autograd will differentiate through a call on these tensors (only the backward is affected)."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def _substitute_note():
+    import triton
+    return f"Triton {triton.__version__} on Hopper"
+
+
+def _l2norm(x, eps=1e-6):
+    """fla's l2norm_fwd (fla/modules/norm/l2norm.py): x / sqrt(sum x^2 + eps) over the last dimension."""
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
+_GDN_KWARGS = {'use_gate_in_kernel', 'A_log', 'dt_bias', 'chunk_size', 'transpose_state_layout'}
+
+
+def chunk_gated_delta_rule_naive(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                                 use_qk_l2norm_in_kernel=False, use_beta_sigmoid_in_kernel=False,
+                                 allow_neg_eigval=False, state_v_first=False, cu_seqlens=None, cu_seqlens_cpu=None,
+                                 chunk_indices=None, cp_context=None, **kwargs):
+    """fla's chunk_gated_delta_rule (its signature and conventions, fla 0.6.0), computed by fla's PyTorch
+    naive_chunk_gated_delta_rule in fp32 with autocast off: the in-kernel options (q/k L2 norm, beta = sigmoid
+    (x2 with allow_neg_eigval), gate g = -exp(A_log) softplus(g + dt_bias)) are applied first, grouped value heads
+    repeat q and k, and a V-first state ([N, HV, V, K]) is transposed to the naive's [N, HV, K, V] and back.
+    q, k [B, T, H, K], v [B, T, HV, V], g and beta [B, T, HV]; returns (o [B, T, HV, V] in q's dtype, final
+    state in fp32 or None). Variable-length input (cu_seqlens) and context parallelism are not supported."""
+    if cu_seqlens is not None or chunk_indices is not None or cp_context is not None:
+        raise NotImplementedError(
+            "peers: fla's naive_chunk_gated_delta_rule (used for gated_deltanet on Hopper with Triton < 3.7.1) does "
+            "not support variable-length input (cu_seqlens, chunk_indices, attention_mask) or context parallelism")
+    unknown = set(kwargs) - _GDN_KWARGS
+    if unknown:
+        raise TypeError(f"chunk_gated_delta_rule_naive: unsupported arguments {sorted(unknown)}")
+    if kwargs.get('transpose_state_layout'):  # fla's deprecated name for state_v_first
+        state_v_first = True
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q and k must have the same number of heads, got {q.shape[2]} and {k.shape[2]}")
+    H, HV = k.shape[2], v.shape[2]
+    if HV % H:
+        raise ValueError(f"num_v_heads (HV={HV}) must be divisible by num_heads (H={H})")
+    if allow_neg_eigval and not use_beta_sigmoid_in_kernel:
+        raise ValueError("`allow_neg_eigval=True` requires `use_beta_sigmoid_in_kernel=True`.")
+    use_gate = kwargs.get('use_gate_in_kernel', False)
+    if use_gate and kwargs.get('A_log') is None:
+        raise ValueError("A_log must be provided when use_gate_in_kernel=True.")
+    out_dtype = q.dtype
+    if scale is None:
+        scale = k.shape[-1] ** -0.5
+    with torch.autocast(q.device.type, enabled=False):  # the naive code's matmuls stay fp32 under autocast
+        q, k, v, beta = q.float(), k.float(), v.float(), beta.float()
+        if use_qk_l2norm_in_kernel:
+            q, k = _l2norm(q), _l2norm(k)
+        if HV > H:  # value head i uses query/key head i // (HV / H), as fla's kernels index them
+            q, k = q.repeat_interleave(HV // H, dim=2), k.repeat_interleave(HV // H, dim=2)
+        if use_beta_sigmoid_in_kernel:
+            beta = torch.sigmoid(beta) * (2.0 if allow_neg_eigval else 1.0)
+        if use_gate:
+            g = _fla_fn('naive_gdn_gate')(g, kwargs['A_log'], kwargs.get('dt_bias'))  # log decay per step, fp32
+        h0 = initial_state
+        if h0 is not None:
+            h0 = (h0.transpose(-1, -2) if state_v_first else h0).float()
+        o, ht = _fla_fn('naive_chunk_gated_delta_rule')(q, k, v, g.float(), beta,
+                                                        chunk_size=kwargs.get('chunk_size', 64), scale=scale,
+                                                        initial_state=h0, output_final_state=output_final_state)
+    if ht is not None and state_v_first:
+        ht = ht.transpose(-1, -2)
+    return o.to(out_dtype).contiguous(), (ht.contiguous() if ht is not None else None)
+
+
+_GDN_LAYER_MODULE = 'fla.layers.gated_deltanet'
+
+
+def _gdn_dispatch(original):
+    """chunk_gated_delta_rule as fla's GatedDeltaNet layer calls it: chunk_gated_delta_rule_naive where
+    hopper_triton_bug() and autograd will differentiate the call, fla's own (original) everywhere else."""
+
+    @torch.compiler.disable
+    @functools.wraps(original)
+    def chunk_gated_delta_rule(*args, **kwargs):
+        if hopper_triton_bug() and _needs_backward(*args, *kwargs.values()):
+            return chunk_gated_delta_rule_naive(*args, **kwargs)
+        return original(*args, **kwargs)
+
+    chunk_gated_delta_rule.peers_original = original
+    return chunk_gated_delta_rule
+
+
+def _install_gdn_substitute():
+    """Route fla's GatedDeltaNet layer through _gdn_dispatch, by replacing the name chunk_gated_delta_rule in the
+    layer's module (once; the dispatch passes every call through unchanged unless hopper_triton_bug())."""
+    mod = importlib.import_module(_GDN_LAYER_MODULE)
+    if not hasattr(mod.chunk_gated_delta_rule, 'peers_original'):
+        mod.chunk_gated_delta_rule = _gdn_dispatch(mod.chunk_gated_delta_rule)
 
 
 # -----------------------------------------------------------------------------
@@ -246,11 +394,17 @@ def _mamba_fast_path():
 
 
 class Mamba2Mixer(PeerMixer):
-    """fla's Mamba2. Without mamba_ssm (fla's fast path) the SSD runs through fla's chunk_simple_gla kernel."""
+    """fla's Mamba2. Without mamba_ssm (fla's fast path) the SSD runs through fla's chunk_simple_gla kernel
+    (parallel_simple_gla for training where hopper_triton_bug())."""
 
     def __init__(self, name, layer):
         super().__init__(name, layer)
-        self.impl = 'fla+mamba_ssm' if _mamba_fast_path() else 'fla chunk_simple_gla'
+        if _mamba_fast_path():
+            self.impl = 'fla+mamba_ssm'
+        elif hopper_triton_bug():
+            self.impl = f'fla parallel_simple_gla ({_substitute_note()}; no-grad: chunk_simple_gla)'
+        else:
+            self.impl = 'fla chunk_simple_gla'
 
     def forward(self, x, want_state=False):
         if want_state:
@@ -260,8 +414,16 @@ class Mamba2Mixer(PeerMixer):
         return mamba2_ssd(self.layer, x), None, None
 
 
-def mamba2_ssd(m, x):
-    """fla Mamba2 layer m applied to x (B, T, D), with the SSD recurrence computed by chunk_simple_gla."""
+SSD_KERNELS = ('chunk_simple_gla', 'parallel_simple_gla', 'fused_recurrent_simple_gla')
+
+
+def mamba2_ssd(m, x, kernel=None):
+    """fla Mamba2 layer m applied to x (B, T, D), with the SSD recurrence computed by an fla simple-GLA kernel
+    (one of SSD_KERNELS; all take q, k, v [B, T, H, *] and g [B, T, H], the natural-log decay per step, and
+    cumulate g themselves). kernel=None: chunk_simple_gla, or parallel_simple_gla where hopper_triton_bug() and
+    autograd will differentiate the call (chunk_simple_gla's backward cannot run there)."""
+    if kernel is not None and kernel not in SSD_KERNELS:
+        raise ValueError(f"mamba2_ssd: kernel must be one of {SSD_KERNELS}, got {kernel!r}")
     B_, T, _ = x.shape
     I, G, N, H, P = m.intermediate_size, m.n_groups, m.ssm_state_size, m.num_heads, m.head_dim
     z, xbc, dt = m.in_proj(x).split([I, m.conv_dim, H], dim=-1)
@@ -276,7 +438,10 @@ def mamba2_ssd(m, x):
     k = Bm.reshape(B_, T, G, 1, N).expand(B_, T, G, rep, N).reshape(B_, T, H, N)
     q = Cm.reshape(B_, T, G, 1, N).expand(B_, T, G, rep, N).reshape(B_, T, H, N)
     v = (xh.float() * dt[..., None]).to(xh.dtype)
-    o, _ = _FLA['chunk_simple_gla'](q.contiguous(), k.contiguous(), v.contiguous(), g=g, scale=1.0)
+    if kernel is None:
+        substitute = hopper_triton_bug() and _needs_backward(q, k, v, g)
+        kernel = 'parallel_simple_gla' if substitute else 'chunk_simple_gla'
+    o, _ = _fla_fn(kernel)(q.contiguous(), k.contiguous(), v.contiguous(), g=g, scale=1.0)
     y = o.to(xh.dtype) + xh * m._get_D(expand_to_head_dim=True).to(xh.dtype)  # the D skip, (H, P)
     y = m.norm(y.reshape(B_, T, I), z)                                         # gated RMSNorm
     return m.out_proj(y)
@@ -308,6 +473,9 @@ def make_mixer(name, n_embd, n_head, n_layer=1):
     finally:
         quiet.setLevel(level)
     mixer = (Mamba2Mixer if name == 'mamba2' else PeerMixer)(name, layer)
+    if name == 'gated_deltanet' and hopper_triton_bug():
+        _install_gdn_substitute()
+        mixer.impl = f'fla naive_chunk_gated_delta_rule ({_substitute_note()}; no-grad: chunk_gated_delta_rule)'
     _init_like_mipt(mixer, n_layer)
     return mixer
 
