@@ -43,19 +43,38 @@ def available(device):
 if triton is not None:
 
     @triton.jit
+    def _query_block(pid_q, T, L, BQ: tl.constexpr):
+        """Program pid_q's queries: chunk c and its block of BQ positions, masked at the chunk's end and at T."""
+        NQB = tl.cdiv(L, BQ)
+        c = pid_q // NQB
+        qb = pid_q % NQB
+        offs_q = c * L + qb * BQ + tl.arange(0, BQ)                                     # (BQ,)
+        return c, offs_q, (offs_q < T) & (qb * BQ + tl.arange(0, BQ) < L)
+
+    @triton.jit
+    def _candidates(CAND, END, LOGS, K, V, b, c, h, offs_n, offs_d, dmask, q_last, T, C, N,
+                    skb, skt, skh, svb, svt, svh):
+        """One tile of chunk c's candidate list, gathered: positions idx (-1: none), which are live (listed,
+        and not after q_last), their ends, log s, and their key and value rows (BN, HD) for head h."""
+        idx = tl.load(CAND + (b * C + c) * N + offs_n, mask=offs_n < N, other=-1)          # (BN,)
+        live = (idx >= 0) & (idx <= q_last)
+        at = tl.where(live, idx, 0)
+        e = tl.load(END + b * T + at, mask=live, other=0)
+        ls = tl.load(LOGS + b * T + at, mask=live, other=0.0)
+        kd = live[:, None] & dmask[None, :]
+        k = tl.load(K + b * skb + at[:, None] * skt + h * skh + offs_d[None, :], mask=kd, other=0.0)
+        v = tl.load(V + b * svb + at[:, None] * svt + h * svh + offs_d[None, :], mask=kd, other=0.0)
+        return idx, live, at, e, ls, k, v
+
+    @triton.jit
     def _fwd_kernel(Q, K, V, LOGS, END, CAND, NK, NV, O, LSE,
                     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
                     T, C, N, H, L, hd, scale,
                     HD: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr):
-        NQB = tl.cdiv(L, BQ)
-        pid_q = tl.program_id(0)                       # chunk c, block qb inside it
         pid_bh = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)          # int64: b * T * 3D passes 2^31 at long contexts
         h = pid_bh % H
-        c = pid_q // NQB
-        qb = pid_q % NQB
-        offs_q = c * L + qb * BQ + tl.arange(0, BQ)    # (BQ,) query positions
-        qmask = (offs_q < T) & (qb * BQ + tl.arange(0, BQ) < L)
+        c, offs_q, qmask = _query_block(tl.program_id(0), T, L, BQ)
         offs_d = tl.arange(0, HD)
         dmask = offs_d < hd
         q = tl.load(Q + b * sqb + offs_q[:, None] * sqt + h * sqh + offs_d[None, :],
@@ -68,23 +87,15 @@ if triton is not None:
         acc = tl.zeros((BQ, HD), tl.float32) + nv[None, :]
         q_last = tl.max(tl.where(qmask, offs_q, -1), 0)
         for n0 in range(0, N, BN):
-            offs_n = n0 + tl.arange(0, BN)
-            idx = tl.load(CAND + (b * C + c) * N + offs_n, mask=offs_n < N, other=-1)   # (BN,)
-            live = (idx >= 0) & (idx <= q_last)
-            at = tl.where(live, idx, 0)
-            e = tl.load(END + b * T + at, mask=live, other=0)
-            ls = tl.load(LOGS + b * T + at, mask=live, other=0.0)
-            kt = tl.load(K + b * skb + at[None, :] * skt + h * skh + offs_d[:, None],
-                         mask=live[None, :] & dmask[:, None], other=0.0)   # (HD, BN)
-            s = tl.dot(q, kt) * scale + ls[None, :]                       # (BQ, BN) fp32
+            idx, live, at, e, ls, k, v = _candidates(CAND, END, LOGS, K, V, b, c, h, n0 + tl.arange(0, BN), offs_d,
+                                                     dmask, q_last, T, C, N, skb, skt, skh, svb, svt, svh)
+            s = tl.dot(q, tl.trans(k)) * scale + ls[None, :]              # (BQ, BN) fp32
             vis = live[None, :] & (idx[None, :] <= offs_q[:, None]) & (offs_q[:, None] < e[None, :])
             s = tl.where(vis, s, float('-inf'))
             m_new = tl.maximum(m, tl.max(s, 1))
             alpha = tl.exp(m - m_new)
             p = tl.exp(s - m_new[:, None])
             l = l * alpha + tl.sum(p, 1)
-            v = tl.load(V + b * svb + at[:, None] * svt + h * svh + offs_d[None, :],
-                        mask=live[:, None] & dmask[None, :], other=0.0)    # (BN, HD)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m = m_new
         o = acc / l[:, None]
@@ -97,15 +108,10 @@ if triton is not None:
                     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
                     T, C, N, H, L, hd, scale,
                     HD: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr):
-        NQB = tl.cdiv(L, BQ)
-        pid_q = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)          # int64: b * T * 3D passes 2^31 at long contexts
         h = pid_bh % H
-        c = pid_q // NQB
-        qb = pid_q % NQB
-        offs_q = c * L + qb * BQ + tl.arange(0, BQ)
-        qmask = (offs_q < T) & (qb * BQ + tl.arange(0, BQ) < L)
+        c, offs_q, qmask = _query_block(tl.program_id(0), T, L, BQ)
         offs_d = tl.arange(0, HD)
         dmask = offs_d < hd
         qd = qmask[:, None] & dmask[None, :]
@@ -125,16 +131,8 @@ if triton is not None:
         tl.atomic_add(DNV + h * hd + offs_d, tl.sum(p0[:, None] * dof, 0), mask=dmask)
         q_last = tl.max(tl.where(qmask, offs_q, -1), 0)
         for n0 in range(0, N, BN):
-            offs_n = n0 + tl.arange(0, BN)
-            idx = tl.load(CAND + (b * C + c) * N + offs_n, mask=offs_n < N, other=-1)
-            live = (idx >= 0) & (idx <= q_last)
-            at = tl.where(live, idx, 0)
-            e = tl.load(END + b * T + at, mask=live, other=0)
-            ls = tl.load(LOGS + b * T + at, mask=live, other=0.0)
-            k = tl.load(K + b * skb + at[:, None] * skt + h * skh + offs_d[None, :],
-                        mask=live[:, None] & dmask[None, :], other=0.0)    # (BN, HD)
-            v = tl.load(V + b * svb + at[:, None] * svt + h * svh + offs_d[None, :],
-                        mask=live[:, None] & dmask[None, :], other=0.0)    # (BN, HD)
+            idx, live, at, e, ls, k, v = _candidates(CAND, END, LOGS, K, V, b, c, h, n0 + tl.arange(0, BN), offs_d,
+                                                     dmask, q_last, T, C, N, skb, skt, skh, svb, svt, svh)
             s = tl.dot(q, tl.trans(k)) * scale + ls[None, :]
             vis = live[None, :] & (idx[None, :] <= offs_q[:, None]) & (offs_q[:, None] < e[None, :])
             p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)                  # (BQ, BN)
@@ -160,14 +158,9 @@ if triton is not None:
         offs_n = (pid_n % NNB) * BN + tl.arange(0, BN)
         offs_d = tl.arange(0, HD)
         dmask = offs_d < hd
-        idx = tl.load(CAND + (b * C + c) * N + offs_n, mask=offs_n < N, other=-1)          # (BN,)
-        live = idx >= 0
-        at = tl.where(live, idx, 0)
-        e = tl.load(END + b * T + at, mask=live, other=0)
-        ls = tl.load(LOGS + b * T + at, mask=live, other=0.0)
+        idx, live, at, e, ls, k, v = _candidates(CAND, END, LOGS, K, V, b, c, h, offs_n, offs_d, dmask, T, T, C, N,
+                                                 skb, skt, skh, svb, svt, svh)
         kd = live[:, None] & dmask[None, :]
-        k = tl.load(K + b * skb + at[:, None] * skt + h * skh + offs_d[None, :], mask=kd, other=0.0)
-        v = tl.load(V + b * svb + at[:, None] * svt + h * svh + offs_d[None, :], mask=kd, other=0.0)
         dk = tl.zeros((BN, HD), tl.float32)
         dv = tl.zeros((BN, HD), tl.float32)
         dls = tl.zeros((BN,), tl.float32)
