@@ -44,8 +44,8 @@ Glossary (code name: paper symbol, shape)
                                      pos, the tokens consumed; pooled (B, D), the running sum for 'mean'
 
 Contents, top to bottom: config, scans, the MIPT recurrence, the decoding state, the causal sparse
-cache, the blocks (MIPT and its Transformer twin), the model, decoding, and an appendix that loads the
-fused CUDA kernel.
+cache, the blocks (MIPT and its Transformer twin), the model, decoding, and appendices that load the
+fused CUDA scan (kernels.cu) and the fused cache read-out (cache_kernel.py, Triton).
 """
 
 import contextlib
