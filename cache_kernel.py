@@ -14,12 +14,15 @@ block for dq (in registers), one per (chunk, candidate tile) for dk, dv and d lo
 chunk's queries and writes each candidate row once per chunk. A chunk's own positions are written with
 plain stores; the carried ones, which sit in several chunks' lists, with atomic adds into a second buffer.
 
-Triton runs on the GPU; with TRITON_INTERPRET=1 set before import it also runs on the CPU (slowly),
-which is how the CPU tests check it. Without Triton, `available()` is False and mipt.py uses the
-reference.
+Triton runs on the GPU; with TRITON_INTERPRET=1 set before import it also runs on the CPU (slowly, and
+in float32 only: the interpreter's bf16 dots are wrong), which is how the CPU tests check it. Without
+Triton, `available()` is False and mipt.py uses the reference. On the GPU, float32 inputs go through
+tf32 dots (about 1e-3 relative to the reference); under bf16 autocast, bf16 dots with fp32 accumulation.
+Limits: batch x heads <= 65535 (a grid axis); the candidate lists as mipt.cache_plan builds them.
 """
 
 import math
+import os
 
 import torch
 
@@ -30,14 +33,16 @@ except ImportError:  # optional: mipt.py falls back to the PyTorch reference
     triton = None
 
 
+INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'   # Triton fixes its mode when the kernels are defined
+
+
 def available(device):
     """True when the fused kernel can run on tensors of this device."""
-    import os
     if triton is None:
         return False
     if device.type == 'cuda':
         return True
-    return device.type == 'cpu' and os.environ.get('TRITON_INTERPRET') == '1'
+    return device.type == 'cpu' and INTERPRET
 
 
 if triton is not None:
@@ -48,7 +53,7 @@ if triton is not None:
         NQB = tl.cdiv(L, BQ)
         c = pid_q // NQB
         qb = pid_q % NQB
-        offs_q = c * L + qb * BQ + tl.arange(0, BQ)                                     # (BQ,)
+        offs_q = (c * L + qb * BQ + tl.arange(0, BQ)).to(tl.int64)                     # (BQ,)
         return c, offs_q, (offs_q < T) & (qb * BQ + tl.arange(0, BQ) < L)
 
     @triton.jit
@@ -58,7 +63,7 @@ if triton is not None:
         and not after q_last), their ends, log s, and their key and value rows (BN, HD) for head h."""
         idx = tl.load(CAND + (b * C + c) * N + offs_n, mask=offs_n < N, other=-1)          # (BN,)
         live = (idx >= 0) & (idx <= q_last)
-        at = tl.where(live, idx, 0)
+        at = tl.where(live, idx, 0).to(tl.int64)       # int64 rows: T x 3D passes 2^31 at long contexts
         e = tl.load(END + b * T + at, mask=live, other=0)
         ls = tl.load(LOGS + b * T + at, mask=live, other=0.0)
         kd = live[:, None] & dmask[None, :]
@@ -165,7 +170,7 @@ if triton is not None:
         dv = tl.zeros((BN, HD), tl.float32)
         dls = tl.zeros((BN,), tl.float32)
         for q0 in range(0, L, BQ):
-            offs_q = c * L + q0 + tl.arange(0, BQ)
+            offs_q = (c * L + q0 + tl.arange(0, BQ)).to(tl.int64)
             qmask = (offs_q < T) & (q0 + tl.arange(0, BQ) < L)
             qd = qmask[:, None] & dmask[None, :]
             q = tl.load(Q + b * sqb + offs_q[:, None] * sqt + h * sqh + offs_d[None, :], mask=qd, other=0.0)
@@ -192,8 +197,7 @@ if triton is not None:
 
 def _configs():
     """Autotuned on a GPU (per candidate count, head size and chunk); one fixed block under the interpreter."""
-    import os
-    if os.environ.get('TRITON_INTERPRET') == '1' or not torch.cuda.is_available():
+    if INTERPRET or not torch.cuda.is_available():
         return [triton.Config({'BQ': 64, 'BN': 64})]
     return [triton.Config({'BQ': bq, 'BN': bn}, num_warps=w) for bq in (32, 64) for bn in (32, 64) for w in (4, 8)]
 
@@ -221,6 +225,9 @@ class CacheAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, log_s, end, cand, null_k, null_v, L):
         B, T, H, hd = q.shape
         C, N = cand.shape[1], cand.shape[2]
+        if B * H > 65535:
+            raise ValueError(f"the fused cache read-out takes batch x heads <= 65535, got {B} x {H}: use a smaller "
+                             f"batch, or cache_impl='torch'")
         HD = max(16, triton.next_power_of_2(hd))
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         v = v.to(q.dtype)

@@ -92,8 +92,11 @@ def build_model(ck, device='cpu', path='the checkpoint'):
     from mipt import MIPT, MIPTConfig
     if not isinstance(ck.get('model_args'), dict):
         die(f"{path}: it has no model config (model_args): not a checkpoint that train.py wrote")
+    args = dict(ck['model_args'])
+    if args.get('cache_impl') == 'triton':  # how, not what: a run trained with the kernel forced loads anywhere
+        args['cache_impl'] = 'auto'
     try:
-        model = MIPT(MIPTConfig(**ck['model_args']))
+        model = MIPT(MIPTConfig(**args))
     except (TypeError, ValueError) as e:
         die(f"{path}: its model config does not fit this mipt.py: {e}")
     if ck.get('peer'):

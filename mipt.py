@@ -373,8 +373,8 @@ def cache_intervals(cand, member, T):
     that holds it (end_j <= j: never cached). cand (B, C, N) is kept as each chunk's list of candidates,
     with the padding beyond T set to -1."""
     B, C, L, N = member.shape
-    qpos1 = torch.arange(1, C * L + 1, device=cand.device).view(1, C, L, 1)
-    last = torch.where(member, qpos1, 0).amax(2)                                      # (B, C, N)
+    qpos1 = torch.arange(1, C * L + 1, device=cand.device, dtype=torch.int32).view(1, C, L, 1)
+    last = torch.where(member, qpos1, 0).amax(2)                                      # (B, C, N) int32
     cand = torch.where(cand < T, cand, -1)
     end = torch.zeros(B, T + 1, dtype=last.dtype, device=cand.device)
     end.scatter_reduce_(1, torch.where(cand >= 0, cand, T).view(B, -1), last.view(B, -1), 'amax')
@@ -1094,7 +1094,17 @@ def _cache_kernel():
     return _CACHE_KERNEL
 
 
+_FUSED = {}
+
+
 def _use_fused_cache(impl, device):
+    """Whether the read-out runs fused (decided once per setting and device type)."""
+    if (impl, device.type) not in _FUSED:
+        _FUSED[impl, device.type] = _fused_available(impl, device)
+    return _FUSED[impl, device.type]
+
+
+def _fused_available(impl, device):
     if impl == 'torch':
         return False
     ck = _cache_kernel()
@@ -1121,6 +1131,8 @@ def cache_plan_compiled(s, K, tau, L, R, noise):
         return cache_plan(s, K, tau, L, R, noise)
     if COMPILE_PLAN not in _PLANS:
         import torch._dynamo
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # a shape each
+        cfg = torch._dynamo.config   # one compiled graph per shape: allow 64 (the name changed in torch 2.7)
+        name = 'recompile_limit' if hasattr(cfg, 'recompile_limit') else 'cache_size_limit'
+        setattr(cfg, name, max(getattr(cfg, name), 64))
         _PLANS[COMPILE_PLAN] = torch.compile(cache_plan, mode=COMPILE_PLAN, dynamic=False)
     return tuple(t.clone() for t in _PLANS[COMPILE_PLAN](s, K, tau, L, R, noise))   # graphs reuse outputs

@@ -111,7 +111,7 @@ _bad = [f"{k} must be >= {lo}, got {config[k]}" for k, lo in dict(  # every bad 
     lr_decay_iters=0, max_epochs=0, gradient_accumulation_steps=1).items() if config[k] < lo]
 _bad += [f"{k} must be {want}, got {config[k]}" for k, ok, want in [
     ('learning_rate', learning_rate > 0, '> 0'), ('min_lr', min_lr >= 0, '>= 0'), ('stop_at', 0 <= stop_at <= 1, 'in [0, 1]'),
-    ('max_minutes', max_minutes >= 0, '>= 0'),
+    ('max_minutes', max_minutes >= 0, '>= 0'), ('stop_at', stop_at == 0 or task != 'lm', "0 for task 'lm' (it stops on accuracy)"),
     ('beta1', 0 <= beta1 < 1, 'in [0, 1)'), ('beta2', 0 <= beta2 < 1, 'in [0, 1)'),
     ('weight_decay', weight_decay >= 0, '>= 0'), ('grad_clip', grad_clip >= 0, '>= 0')]
     if not (ok and math.isfinite(config[k]))]
@@ -275,13 +275,14 @@ if init_from == 'resume':
         die(f"cannot resume {last_path}: it was trained on dataset {was.get('name')!r}, and {data_dir} holds other "
             f"data ({', '.join(differ)} differ): point --dataset/--data_dir at the run's data, or use another "
             f"--out_dir", 2)
+    how = ('scan_impl', 'cache_impl', 'recompute')  # how it computes, not what: this run's flags
     changed = {k: (v, model_args.get(k)) for k, v in ck['model_args'].items()
-               if k != 'scan_impl' and model_args.get(k, v) != v}
+               if k not in how and model_args.get(k, v) != v}
     if ck.get('peer', '') != peer:
         changed['peer'] = (ck.get('peer', ''), peer)
     if changed and master:
         print(f"resume: the model config comes from the checkpoint; ignoring {changed}")
-    model_args = dict(ck['model_args'], scan_impl=scan_impl)  # scan_impl is how, not what: this run's
+    model_args = dict(ck['model_args'], **{k: model_args[k] for k in how})
     peer = ck.get('peer', '')
 try:
     model_config = MIPTConfig(**model_args)
@@ -321,7 +322,7 @@ if master:  # out_dir: locked (fcntl, until this process exits) before anything 
         for p in (best_path, last_path, metrics_path):
             if os.path.exists(p):
                 os.remove(p)
-if ck is not None and ck['iter_num'] >= max_iters and os.path.exists(metrics_path):
+if ck is not None and (ck['iter_num'] >= max_iters or ck.get('reached')) and os.path.exists(metrics_path):
     try:  # an interrupted or unreadable test evaluation is done again
         with open(metrics_path) as f:
             finished = 'interrupted' not in (json.load(f).get('note') or '')
@@ -352,6 +353,7 @@ data_gen = torch.Generator().manual_seed(seed + rank)
 perm_gen = torch.Generator().manual_seed(seed)
 sampler = {'epoch': 0, 'pos': 0, 'perm': None}  # classify/seq: shuffled epochs, drop_last
 iter_num, best_val, best_iter = 0, None, None
+reached = False  # stop_at: val reached it (saved in checkpoints: such a run is finished)
 stats = {'train_time': 0.0, 'train_tokens': 0, 'last_loss': None}  # for metrics.json, across resumes
 
 
@@ -420,7 +422,8 @@ def save(paths, evaluated=True):
     ck = {'format': checkpoint.CKPT_FORMAT, 'model': raw_model.state_dict(),
           'model_args': dataclasses.asdict(model_config), 'peer': peer, 'optimizer': optimizer.state_dict(),
           'scaler': scaler.state_dict(), 'iter_num': iter_num, 'best_val': best_val, 'best_iter': best_iter,
-          'train_config': config, 'meta': meta, 'evaluated': evaluated, 'stats': dict(stats), **state}
+          'train_config': config, 'meta': meta, 'evaluated': evaluated, 'stats': dict(stats), 'reached': reached,
+          **state}
     for p in paths:
         checkpoint.save(p, ck)
 
@@ -549,7 +552,7 @@ if master:
           f"{max_iters} iters x {batch_size * gradient_accumulation_steps * world} seqs | {device} {dtype}", flush=True)
 pbar = tqdm(total=max_iters, initial=iter_num, disable=not master, dynamic_ncols=True, desc='train',
             mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
-tok_rate, reached, out_of_time = None, False, False
+tok_rate, out_of_time = None, False
 while True:
     if max_minutes:
         out_of_time = any_process(time.time() - t_start >= 60 * max_minutes)
@@ -565,6 +568,7 @@ while True:
         if not math.isfinite(res['loss']):
             die(f"non-finite val loss {res['loss']} at iter {iter_num}: stopping, no checkpoint written")
         val = res[metric_name]
+        reached = any_process(bool(stop_at) and higher_is_better and val >= stop_at)  # every process stops alike
         improved = best_val is None or (val > best_val if higher_is_better else val < best_val)
         if improved:
             best_val, best_iter = val, iter_num
@@ -573,7 +577,6 @@ while True:
                        (' (best)' if improved else ''))
             log_file.write(json.dumps({'iter': iter_num, 'eval': res}) + '\n')
         save([best_path, last_path] if improved else [last_path])
-        reached = bool(stop_at) and higher_is_better and val >= stop_at
     if iter_num >= max_iters or reached or out_of_time:
         if reached and master:
             tqdm.write(f"val {metric_name} {val:.4f} >= stop_at {stop_at}: training ends at iter {iter_num}")
@@ -660,7 +663,7 @@ if master:
                'train_config': config, 'model_config': dataclasses.asdict(raw_model.config),
                'params': params_total, 'params_non_embedding': params_non_emb,
                'best_val': {metric_name: best_val, 'iter': best_iter}, 'test': test, 'note': note, 'iters': iter_num,
-               'stopped_at_target': reached, 'stopped_at_time_limit': out_of_time and not reached,
+               'stopped_at_target': reached, 'stopped_at_time_limit': out_of_time and not reached and iter_num < max_iters,
                'final_train_loss': stats['last_loss'], 'peak_memory_bytes': peak, 'wall_time_s': time.time() - t_start,
                'tokens_per_sec': stats['train_tokens'] / stats['train_time'] if stats['train_time'] else None,
                'device': device_name, 'world_size': world, 'git_commit': commit, 'probe': probe,

@@ -123,7 +123,8 @@ def test_selection_signal_through_the_kernel(explore):
 
 
 def test_triton_impl_needs_a_backend(monkeypatch):
-    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
+    monkeypatch.setattr(mipt._cache_kernel(), 'INTERPRET', False)
+    monkeypatch.setattr(mipt, '_FUSED', {})
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is a backend")
     model = MIPT(MIPTConfig(vocab_size=40, n_embd=32, n_head=4, cache_size=2, cache_impl='triton'))

@@ -452,7 +452,7 @@ def test_cache_membership_is_one_interval_per_token(K, L, T):
     gen = torch.Generator().manual_seed(T)
     s = (torch.rand(2, T, generator=gen) * 4).floor() / 4
     s[1, ::3] = 1.0
-    got = interval_sets(*mipt.cache_intervals(*select_cache(s, T if K is None else K, 0.25, L), T), L)
+    got = interval_sets(*mipt.cache_intervals(*select_cache(s, K, 0.25, L), T), L)
     assert got == brute_force_cache(s, K, 0.25)
 
 

@@ -303,6 +303,7 @@ BAD_VALUES = [
 BAD = [
     ('values', [f for f, _ in BAD_VALUES], 2, BAD_VALUES[0][1], True),
     ('dropout', ['--dropout=1.0'], 2, 'invalid model config: dropout must lie in [0, 1)', True),
+    ('stop_at_lm', ['--stop_at=0.5'], 2, "stop_at must be 0 for task 'lm' (it stops on accuracy), got 0.5", True),
     ('readout', ['--readout=max'], 2, "readout must be 'last' or 'mean'", True),
     ('scan_cuda', ['--scan_impl=cuda'], 2, "scan_impl='cuda' needs a CUDA device", True),
     ('peer_attention', ['--peer=gla', '--mixer=attention', '--cache_size=0'], 2, 'not --mixer=attention', True),
@@ -542,6 +543,9 @@ def test_seq_stop_at_and_time_limit(seq_dir, tmp_path):
     ok(run('train.py', *TINY, *common, f'--out_dir={tmp_path / "a"}', '--stop_at=0.0001', '--learning_rate=0.05'))
     m = json.loads((tmp_path / 'a' / 'metrics.json').read_text())
     assert m['stopped_at_target'] and m['iters'] < 4 * 64 // 8 and m['best_val']['acc'] >= 0.0001 and m['test']
+    r = ok(run('train.py', *TINY, *common, f'--out_dir={tmp_path / "a"}', '--stop_at=0.0001', '--init_from=resume'))
+    assert 'run already finished' in r.stdout                     # a run that reached stop_at is finished
+    assert json.loads((tmp_path / 'a' / 'metrics.json').read_text()) == m
     r = ok(run('train.py', *TINY, *common, f'--out_dir={tmp_path / "b"}', '--max_minutes=0.00001'))
     m = json.loads((tmp_path / 'b' / 'metrics.json').read_text())
     assert m['stopped_at_time_limit'] and m['iters'] == 0 and m['test'] and 'max_minutes=1e-05 reached' in r.stdout + r.stderr
