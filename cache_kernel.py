@@ -48,13 +48,18 @@ def available(device):
 if triton is not None:
 
     @triton.jit
-    def _query_block(pid_q, T, L, BQ: tl.constexpr):
-        """Program pid_q's queries: chunk c and its block of BQ positions, masked at the chunk's end and at T."""
+    def _query_block(H, T, L, hd, BQ: tl.constexpr, HD: tl.constexpr):
+        """This program's (batch b, head h) and queries: chunk c and its block of BQ positions, masked at the
+        chunk's end and at T; the head dimension padded to HD and its mask."""
+        pid_q = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)          # int64: b * T * 3D passes 2^31 at long contexts
         NQB = tl.cdiv(L, BQ)
         c = pid_q // NQB
         qb = pid_q % NQB
         offs_q = (c * L + qb * BQ + tl.arange(0, BQ)).to(tl.int64)                     # (BQ,)
-        return c, offs_q, (offs_q < T) & (qb * BQ + tl.arange(0, BQ) < L)
+        offs_d = tl.arange(0, HD)
+        return b, pid_bh % H, c, offs_q, (offs_q < T) & (qb * BQ + tl.arange(0, BQ) < L), offs_d, offs_d < hd
 
     @triton.jit
     def _candidates(CAND, END, LOGS, K, V, b, c, h, offs_n, offs_d, dmask, q_last, T, C, N,
@@ -76,12 +81,7 @@ if triton is not None:
                     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
                     T, C, N, H, L, hd, scale,
                     HD: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr):
-        pid_bh = tl.program_id(1)
-        b = (pid_bh // H).to(tl.int64)          # int64: b * T * 3D passes 2^31 at long contexts
-        h = pid_bh % H
-        c, offs_q, qmask = _query_block(tl.program_id(0), T, L, BQ)
-        offs_d = tl.arange(0, HD)
-        dmask = offs_d < hd
+        b, h, c, offs_q, qmask, offs_d, dmask = _query_block(H, T, L, hd, BQ, HD)
         q = tl.load(Q + b * sqb + offs_q[:, None] * sqt + h * sqh + offs_d[None, :],
                     mask=qmask[:, None] & dmask[None, :], other=0.0)      # (BQ, HD)
         nk = tl.load(NK + h * hd + offs_d, mask=dmask, other=0.0).to(tl.float32)
@@ -113,12 +113,7 @@ if triton is not None:
                     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
                     T, C, N, H, L, hd, scale,
                     HD: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr):
-        pid_bh = tl.program_id(1)
-        b = (pid_bh // H).to(tl.int64)          # int64: b * T * 3D passes 2^31 at long contexts
-        h = pid_bh % H
-        c, offs_q, qmask = _query_block(tl.program_id(0), T, L, BQ)
-        offs_d = tl.arange(0, HD)
-        dmask = offs_d < hd
+        b, h, c, offs_q, qmask, offs_d, dmask = _query_block(H, T, L, hd, BQ, HD)
         qd = qmask[:, None] & dmask[None, :]
         q = tl.load(Q + b * sqb + offs_q[:, None] * sqt + h * sqh + offs_d[None, :], mask=qd, other=0.0)
         do = tl.load(DO + b * sdb + offs_q[:, None] * sdt + h * sdh + offs_d[None, :], mask=qd, other=0.0)
