@@ -29,9 +29,9 @@ Sections
             its HGRN, GLA, Mamba2 and Gated DeltaNet (peers.py; each warmed up, i.e. autotuned, per shape before
             timing). ms, tokens/s, peak GB and each layer's decoding state per sequence
     batchdecode  decoding tokens/s at batch 1, 16, 128 after 8k and 64k tokens of context, the LM of `decode`:
-            MIPT K=64 (one CUDA graph per token when the model allows) against the Transformer twin (KV cache,
-            eager). The context is prefilled once (batch 1) and its state copied to every row: decoding costs
-            the same whatever the rows hold. A twin whose KV cache would pass 100 GB is skipped unallocated
+            MIPT K=64 against the Transformer twin (a KV cache preallocated to its block size), both through one
+            CUDA graph per token (model.decode). One random context is given to every row and prefilled at that
+            batch: decoding costs the same whatever the rows hold. A twin whose KV cache would pass 100 GB is skipped unallocated
     trainmix  the train step where the mixer dominates: D=1024, 8 layers, 8 heads, an 8,192-word vocabulary,
             T = 8k and 32k (16,384 tokens per step, at least one row), MIPT K=64 against the SDPA twin and the
             no-mixer floor; trainmix_compile=True compiles every block of every model alike

@@ -238,9 +238,11 @@ class State:
                              for f in fields(self)})
 
     def copy_(self, other):
-        """Copy other's tensors into this state's tensors, in place (shapes must match)."""
+        """Copy other's tensors into this state's tensors, in place (shapes must match; a tensor that other
+        shares with this state, e.g. a static KV cache written in place, is left as it is)."""
         for dst, src in zip(list(self.tensors()), list(other.tensors()), strict=True):
-            dst.copy_(src)
+            if dst is not src:
+                dst.copy_(src)
         return self
 
 
@@ -283,6 +285,20 @@ class KVCache(State):
     """The attention twin's decoding state: every past key and value (it grows with the context)."""
     k: torch.Tensor                      # (B, H, t, hd)
     v: torch.Tensor                      # (B, H, t, hd)
+
+    def to_static(self, capacity):
+        """The same keys and values in preallocated (B, H, capacity, hd) tensors, for a CUDA graph."""
+        B, H, t, hd = self.k.shape
+        if t > capacity:
+            raise ValueError(f"a static KV cache of {capacity} positions cannot hold {t}")
+        k, v = (torch.zeros(B, H, capacity, hd, device=x.device, dtype=x.dtype) for x in (self.k, self.v))
+        k[:, :, :t], v[:, :, :t] = self.k, self.v
+        return StaticKVCache(k=k, v=v)
+
+
+@dataclass
+class StaticKVCache(KVCache):
+    """KVCache in fixed tensors: positions < pos are filled, a step writes position pos in place."""
 
 
 @dataclass
@@ -589,11 +605,19 @@ class SelfAttention(nn.Module):
 
     def step(self, x, state, pos):
         q, k, v = self._heads(x[:, None])  # (B, H, 1, hd)
-        state = KVCache(k=torch.cat([state.k, k], 2), v=torch.cat([state.v, v], 2))
+        if isinstance(state, StaticKVCache):  # write position pos in place; later positions are masked
+            at = torch.as_tensor(pos, device=x.device).view(1)
+            state.k.index_copy_(2, at, k.to(state.k.dtype))
+            state.v.index_copy_(2, at, v.to(state.v.dtype))
+            later = torch.arange(state.k.shape[2], device=x.device) > at                     # (capacity,)
+        else:
+            state, later = KVCache(k=torch.cat([state.k, k], 2), v=torch.cat([state.v, v], 2)), None
         # one query: plain softmax attention over every cached (past) key, (B, H, 1, t)
-        scores = (q @ state.k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-        y = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype) @ state.v
-        return self.c_proj(y.reshape(x.shape)), state
+        scores = (q @ state.k.transpose(-2, -1).to(q.dtype)) / math.sqrt(q.shape[-1])
+        if later is not None:
+            scores = scores.masked_fill(later, -math.inf)
+        y = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype)
+        return self.c_proj((y @ state.v.to(v.dtype)).reshape(x.shape)), state
 
 
 class MLP(nn.Module):
@@ -821,10 +845,10 @@ class MIPT(nn.Module):
         return sum(t.numel() * t.element_size() for t in state.tensors())
 
     def _graph_blocker(self):
-        """Why graphed_step cannot decode this model, or None: it needs MIPT with a finite cache, on a GPU,
-        in eval mode."""
-        if self.config.mixer != 'mipt' or self.config.K is None:
-            return "graphed_step needs a MIPT model with a finite cache (a growing one cannot be graphed)"
+        """Why graphed_step cannot decode this model, or None: it needs MIPT with a finite cache or the twin
+        (whose KV cache is then preallocated to block_size), on a GPU, in eval mode."""
+        if self.config.mixer == 'mipt' and self.config.K is None:
+            return "graphed_step needs a finite cache (a growing one cannot be graphed)"
         if not self.wte.weight.is_cuda:
             return "graphed_step needs the model on a CUDA device"
         if self.training:
@@ -844,6 +868,12 @@ class MIPT(nn.Module):
         if self._graph_blocker():
             raise ValueError(self._graph_blocker())
         dev = self.wte.weight.device
+        if self.config.mixer == 'attention':  # the twin's cache, preallocated to its block size
+            if state.pos >= self.config.block_size:
+                raise ValueError(f"graphed_step: the twin's context ({state.pos}) already fills its block_size "
+                                 f"({self.config.block_size})")
+            state = DecodeState(layers=[st.to_static(self.config.block_size) for st in state.layers],
+                                pos=state.pos, pooled=state.pooled)
         static = state.map(lambda t: t.to(dev).clone())
         static.pos = torch.as_tensor(state.pos, device=dev).clone()  # a tensor, so that it is not baked in
         tok = torch.zeros(static.batch_size, dtype=torch.long, device=dev)
@@ -900,8 +930,9 @@ class MIPT(nn.Module):
         window = self.config.mixer == 'attention'
         context = idx[:, -T:] if window else idx
         logits, state = self.prefill(context)
+        context_len = context.shape[1]
         graphed = None
-        if graph and self.graphable() and (max_new_tokens > 1 or want_s):
+        if graph and self.graphable() and (max_new_tokens > 1 or want_s) and not (window and context_len >= T):
             amp = torch.get_autocast_dtype('cuda') if torch.is_autocast_enabled('cuda') else None
             graphed = self.graphed_step(state, amp)
         for i in range(max_new_tokens):
@@ -917,7 +948,7 @@ class MIPT(nn.Module):
             if i < max_new_tokens - 1 or want_s:
                 if window:
                     context = torch.cat([context, tok[:, None]], 1)[:, -T:]
-                if window and state.pos >= T:
+                if window and context_len + i >= T:   # the twin past its block: a sliding window
                     logits = self(context)[0][:, -1]
                 else:
                     logits, state = graphed(tok) if graphed else self.step(tok, state)

@@ -330,3 +330,29 @@ def test_graphed_step_equals_eager_step():
     for _ in range(10):
         ref = torch.cat([ref, model(ref)[0][:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, ref)
+
+
+def test_graphed_twin_equals_eager_twin():
+    """The Transformer twin decodes through one CUDA graph per token with a static KV cache, as eager steps do;
+    past its block_size decode slides a window (no graph)."""
+    torch.manual_seed(0)
+    cfg = mipt.MIPTConfig(vocab_size=97, block_size=40, n_layer=2, n_embd=64, n_head=4, mixer='attention',
+                          cache_size=0)
+    model = mipt.MIPT(cfg).to(DEV).eval()
+    prompt = torch.randint(0, 97, (2, 20), device=DEV)
+    with torch.no_grad():
+        _, eager = model.prefill(prompt)
+        _, st = model.prefill(prompt)
+        assert model.graphable()
+        step = model.graphed_step(st)
+        tok = prompt[:, -1]
+        for _ in range(15):
+            le, eager = model.step(tok, eager)
+            lg, graphed = step(tok)
+            assert rel(lg, le) < 1e-4
+            tok = le.argmax(-1)
+    out = model.generate(prompt, 30, top_k=1)           # graphed until position 40, then the window
+    ref = prompt
+    for _ in range(30):
+        ref = torch.cat([ref, model(ref[:, -40:])[0][:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, ref)

@@ -412,8 +412,29 @@ def test_graphed_step_needs_cuda_and_a_finite_cache():
         model.graphed_step(state)
     with pytest.raises(ValueError, match='finite cache'):
         MIPT(small(cache_size=-1)).eval().graphed_step(state)
-    with pytest.raises(ValueError, match='finite cache'):
+    with pytest.raises(ValueError, match='on a CUDA device'):   # the twin graphs too, with a static KV cache
         MIPT(small(mixer='attention', cache_size=0)).eval().graphed_step(state)
+
+
+def test_static_kv_cache_steps_like_the_growing_one():
+    """The twin's preallocated KV cache (what graphed_step decodes with) gives the growing cache's logits."""
+    torch.manual_seed(0)
+    model = MIPT(small(mixer='attention', cache_size=0, block_size=32)).eval()
+    prompt = torch.randint(0, 40, (2, 7))
+    with torch.no_grad():
+        _, grow = model.prefill(prompt)
+        _, fixed = model.prefill(prompt)
+        fixed.layers = [st.to_static(32) for st in fixed.layers]
+        tok = prompt[:, -1]
+        for _ in range(20):
+            la, grow = model.step(tok, grow)
+            lb, fixed = model.step(tok, fixed)
+            assert torch.allclose(la, lb, atol=1e-5, rtol=1e-5)
+            tok = la.argmax(-1)
+    assert isinstance(fixed.layers[0], mipt.StaticKVCache) and fixed.layers[0].k.shape[2] == 32
+    assert torch.equal(fixed.layers[0].k[:, :, :27], grow.layers[0].k) and not fixed.layers[0].k[:, :, 27:].any()
+    with pytest.raises(ValueError, match='cannot hold 27'):
+        grow.layers[0].to_static(26)
 
 
 # ----------------------------------------------------------------------------- THE RULE, exploration
