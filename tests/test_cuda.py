@@ -301,6 +301,24 @@ def test_model_uses_the_kernel_and_matches_the_torch_scan():
     assert abs(lc.item() - lb.item()) < 0.05
 
 
+def graphed_against_eager(model, prompt, n, tol, look=lambda graphed: None):
+    """Step n greedy tokens after prompt eagerly and through model.graphed_step; the logits agree to tol.
+    Returns the final (eager, graphed) states; look(graphed state) after every step."""
+    with torch.no_grad():
+        _, eager = model.prefill(prompt)
+        _, st = model.prefill(prompt)
+        assert model.graphable()
+        step = model.graphed_step(st)
+        tok = prompt[:, -1]
+        for _ in range(n):
+            le, eager = model.step(tok, eager)
+            lg, graphed = step(tok)
+            assert rel(lg, le) < tol
+            look(graphed)
+            tok = le.argmax(-1)
+    return eager, graphed
+
+
 def test_graphed_step_equals_eager_step():
     """Decoding through one CUDA graph replay per token gives eager step's logits and state, evictions included."""
     torch.manual_seed(0)
@@ -309,18 +327,9 @@ def test_graphed_step_equals_eager_step():
     for block in model.blocks:  # spread the scores so that the cache keeps changing its mind
         block.mix.proj.bias.data[:64].normal_(-1.0, 1.0)
     prompt = torch.randint(0, 97, (2, 20), device=DEV)
-    with torch.no_grad():
-        _, eager = model.prefill(prompt)
-        _, st = model.prefill(prompt)
-        assert model.graphable()
-        step = model.graphed_step(st)
-        tok, seen = prompt[:, -1], set()
-        for _ in range(40):
-            le, eager = model.step(tok, eager)
-            lg, graphed = step(tok)
-            assert rel(lg, le) < 1e-5
-            seen.add(tuple(graphed.layers[0].cache.pos[0].tolist()))
-            tok = le.argmax(-1)
+    seen = set()
+    eager, graphed = graphed_against_eager(model, prompt, 40, 1e-5,
+                                           lambda g: seen.add(tuple(g.layers[0].cache.pos[0].tolist())))
     assert len(seen) > 1  # slots were evicted and refilled
     assert int(graphed.pos) == eager.pos == 60
     for a, b in zip(eager.layers, graphed.layers):
@@ -340,17 +349,7 @@ def test_graphed_twin_equals_eager_twin():
                           cache_size=0)
     model = mipt.MIPT(cfg).to(DEV).eval()
     prompt = torch.randint(0, 97, (2, 20), device=DEV)
-    with torch.no_grad():
-        _, eager = model.prefill(prompt)
-        _, st = model.prefill(prompt)
-        assert model.graphable()
-        step = model.graphed_step(st)
-        tok = prompt[:, -1]
-        for _ in range(15):
-            le, eager = model.step(tok, eager)
-            lg, graphed = step(tok)
-            assert rel(lg, le) < 1e-4
-            tok = le.argmax(-1)
+    graphed_against_eager(model, prompt, 15, 1e-4)
     out = model.generate(prompt, 30, top_k=1)           # graphed until position 40, then the window
     ref = prompt
     for _ in range(30):
