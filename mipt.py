@@ -470,15 +470,17 @@ class SparseCache(nn.Module):
         cand, end = (cache_plan_compiled if fused else cache_plan)(s.detach(), self.K, self.tau, L, self.R, noise)
         q, k, v = self.qkv(y).view(B, T, 3, H, hd).unbind(2)              # (B, T, H, hd) each
         log_s = torch.log(s.clamp(min=1e-30))                              # (B, T)
-        att = (cache_attention_fused if fused else cache_attention_torch)(q, k, v, log_s, end, cand, self.null_k, self.null_v, L).reshape(B, T, D)
+        attend = cache_attention_fused if fused else cache_attention_torch
+        att = attend(q, k, v, log_s, end, cand, self.null_k, self.null_v, L).reshape(B, T, D)
         out = y + torch.sigmoid(self.gate(y)) * self.proj(att)
         if not want_state:
             return out, None
         # the decoding state after the last position: its row's exact cache, packed best first by THE RULE
-        cand, member = select_cache(s.detach(), self.K, self.tau, L)
+        if noise is not None:  # exploration widened the plan; the state holds the exact cache alone
+            cand, end = cache_plan(s.detach(), self.K, self.tau, L, self.R, None)
         N = cand.shape[2]
-        c, l = divmod(T - 1, L)
-        pos = torch.where(member[:, c, l], cand[:, c], -1)                         # (B, N)
+        last = cand[:, (T - 1) // L]                                               # (B, N) the last chunk's list
+        pos = torch.where((last >= 0) & (end.gather(1, last.clamp(min=0)) > T - 1), last, -1)   # (B, N)
         score = torch.where(pos >= 0, s.detach().gather(1, pos.clamp(min=0)), -math.inf)
         best = rank(score, torch.where(pos >= 0, pos, T))
         n = N if self.K is None else self.K
@@ -1101,8 +1103,6 @@ def _bwd_tile(fwd_tile):
     if (S * L) % (fwd_tile[0] * fwd_tile[1]) != 0:
         return fwd_tile
     return BWD_TILE
-
-
 
 
 # -----------------------------------------------------------------------------
