@@ -861,12 +861,13 @@ class MIPT(nn.Module):
         """Whether graphed_step can decode this model (see _graph_blocker)."""
         return self._graph_blocker() is None
 
-    def graphed_step(self, state, dtype=None):
+    def graphed_step(self, state, dtype=None, compile=False):
         """step as one CUDA graph replay, for decoding on a GPU (eager batch-1 decoding is bound by kernel
         launches). Returns a function idx_t (B,) -> (logits, state) that continues from `state`; the state it
         returns is held in static tensors, updated in place by every call (keep stepping it through the
         returned function, not through step). CUDA MIPT models with a finite cache only; dtype: the autocast
-        dtype to decode in (None: the weights' dtype)."""
+        dtype to decode in (None: the weights' dtype). compile: torch.compile the step before capturing it
+        (fewer, fused kernels per token; seconds of compilation first)."""
         if self._graph_blocker():
             raise ValueError(self._graph_blocker())
         dev = self.wte.weight.device
@@ -881,9 +882,14 @@ class MIPT(nn.Module):
         tok = torch.zeros(static.batch_size, dtype=torch.long, device=dev)
         ctx = torch.autocast('cuda', dtype=dtype, cache_enabled=False) if dtype else contextlib.nullcontext()
 
+        step_fn = self.step
+        if compile:
+            _allow_recompiles()
+            step_fn = torch.compile(self.step, dynamic=False)
+
         def run():
             with torch.no_grad(), ctx:
-                logits, new = self.step(tok, static.map(lambda t: t))  # a shallow copy: step rebinds its fields
+                logits, new = step_fn(tok, static.map(lambda t: t))  # a shallow copy: step rebinds its fields
                 static.copy_(new)
             return logits
 
@@ -907,7 +913,8 @@ class MIPT(nn.Module):
         return step
 
     @torch.no_grad()
-    def decode(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None, want_s=False, graph=True):
+    def decode(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None, want_s=False, graph=True,
+               compile=False):
         """THE decoding loop (generate, sample.py and bench.py all run it). Continues idx (B, T) and yields
         one Decoded(token (B,), s, state) per new token.
 
@@ -917,7 +924,8 @@ class MIPT(nn.Module):
         graph when graphable() (under the caller's autocast dtype). The attention twin, past its
         block_size, recomputes a sliding window of its last block_size tokens for every new token.
         want_s: s is each layer's score s_t (B,) of the yielded token (MIPT), which costs one more step
-        at the end; otherwise s is None. graph=False keeps eager steps even where a graph would apply.
+        at the end; otherwise s is None. graph=False keeps eager steps even where a graph would apply;
+        compile=True compiles the graphed step first (graphed_step), worth it for long generations.
         Decoded.state is the live decoding state (the graph's static one on a GPU), updated by later steps."""
         if self.config.n_classes:
             raise ValueError("decoding needs a language model; this model is a classifier (n_classes > 0)")
@@ -936,7 +944,7 @@ class MIPT(nn.Module):
         graphed = None
         if graph and self.graphable() and (max_new_tokens > 1 or want_s) and not (window and context_len >= T):
             amp = torch.get_autocast_dtype('cuda') if torch.is_autocast_enabled('cuda') else None
-            graphed = self.graphed_step(state, amp)
+            graphed = self.graphed_step(state, amp, compile)
         for i in range(max_new_tokens):
             logits = logits[:, :n_vocab].float()
             if temperature == 0:
@@ -1151,6 +1159,15 @@ def cache_attention_fused(q, k, v, log_s, end, cand, null_k, null_v, L):
     return _cache_kernel().CacheAttention.apply(q, k, v, log_s, end, cand, null_k, null_v, L)
 
 
+def _allow_recompiles():
+    """One compiled graph per shape (and per model, for graphed_step): allow 64, not torch's default 8
+    (the setting's name changed in torch 2.7)."""
+    import torch._dynamo
+    cfg = torch._dynamo.config
+    name = 'recompile_limit' if hasattr(cfg, 'recompile_limit') else 'cache_size_limit'
+    setattr(cfg, name, max(getattr(cfg, name), 64))
+
+
 # The plan's sorts and small tensors cost more in kernel launches than in work: on the fused path it is
 # compiled once per shape and replayed as a CUDA graph (COMPILE_PLAN: a torch.compile mode, or None: eager).
 COMPILE_PLAN = 'reduce-overhead'
@@ -1161,9 +1178,6 @@ def cache_plan_compiled(s, K, tau, L, R, noise):
     if COMPILE_PLAN is None or s.device.type != 'cuda':
         return cache_plan(s, K, tau, L, R, noise)
     if COMPILE_PLAN not in _PLANS:
-        import torch._dynamo
-        cfg = torch._dynamo.config   # one compiled graph per shape: allow 64 (the name changed in torch 2.7)
-        name = 'recompile_limit' if hasattr(cfg, 'recompile_limit') else 'cache_size_limit'
-        setattr(cfg, name, max(getattr(cfg, name), 64))
+        _allow_recompiles()
         _PLANS[COMPILE_PLAN] = torch.compile(cache_plan, mode=COMPILE_PLAN, dynamic=False)
     return tuple(t.clone() for t in _PLANS[COMPILE_PLAN](s, K, tau, L, R, noise))   # graphs reuse outputs

@@ -5,6 +5,7 @@ Sample from a trained mipt model (after nanoGPT's sample.py), or classify a text
     python sample.py --out_dir=out --start="ROMEO:" --num_samples=3 --max_new_tokens=200
     python sample.py --out_dir=out --start=FILE:prompt.txt      # prompt from a file
     python sample.py --out_dir=out --temperature=0              # greedy
+    python sample.py --out_dir=out --compile=True               # GPU: compile the graphed step (long generations)
     python sample.py --out_dir=out --show_p=True                # colour tokens by measurement score s_t
     python sample.py --out_dir=out --show_p=True --p_html=p.html   # the same, also as an HTML page
     python sample.py --out_dir=out-imdb --start="A wonderful film."   # a classifier prints class probabilities
@@ -46,6 +47,7 @@ seed = 1337
 show_p = False               # reprint the text coloured by measurement score s_t (MIPT models)
 p_layer = -1                 # -1 = mean over layers, else this layer's s_t and cache
 p_html = ''                  # with show_p: also write the coloured text to this HTML file
+compile = False              # on a GPU: torch.compile the graphed decoding step (seconds first; faster per token)
 # -----------------------------------------------------------------------------
 configure(globals(), doc=__doc__)
 # -----------------------------------------------------------------------------
@@ -198,7 +200,7 @@ for k in range(num_samples):
     s_hist = scores_of(x) if show else None
     new, state, t0 = [], None, time.time()
     with ctx:
-        for d in model.decode(x, max_new_tokens, temperature, top_k, n_vocab=n_vocab, want_s=show):
+        for d in model.decode(x, max_new_tokens, temperature, top_k, n_vocab=n_vocab, want_s=show, compile=compile):
             tok = int(d.token[0])
             new.append(tok)
             put(tok)

@@ -261,6 +261,10 @@ eval_bs = eval_batch_size or max(batch_size, min(65536, 2**28 // logits_per_toke
 # model config (from the flags, or on resume from the checkpoint), out_dir and its lock
 model_args = {f.name: globals()[f.name] for f in dataclasses.fields(MIPTConfig) if f.name in globals()}
 model_args.update(vocab_size=vocab_size, n_classes=n_classes, block_size=block_size)
+if master and mixer == 'mipt' and peer == '' and cache_size != 0 and cache_explore >= block_size:
+    print(f"warning: cache_explore={cache_explore} >= block_size={block_size}: in training every query also "
+          f"attends to every earlier position, so the exact cache that eval and decoding read is never trained "
+          f"alone; cache_explore <= block_size // 4 keeps the selection signal (see README, Recall)")
 last_path, best_path = os.path.join(out_dir, 'ckpt_last.pt'), os.path.join(out_dir, 'ckpt.pt')
 metrics_path, log_path = os.path.join(out_dir, 'metrics.json'), os.path.join(out_dir, 'log.jsonl')
 ck = None

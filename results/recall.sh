@@ -40,15 +40,20 @@ if [ "$set" = lm ]; then
   lm="config/lm_imdb.py --max_iters=1000 --lr_decay_iters=1000 --warmup_iters=100 --eval_interval=100 --cache_size=64"
   for R in 0 64; do cmds+=("$PY train.py $lm --cache_explore=$R --out_dir=$root/lmimdb-K64-R$R"); done
 fi
-if [ "$set" = mqar ]; then  # SIZES (LxN; 512x64 reads data/mqar, others data/mqar<LxN>), LRS, MINUTES, EPOCHS
+if [ "$set" = mqar ]; then  # SIZES (LxN; 512x64 reads data/mqar, others data/mqar<LxN>), LRS, MINUTES, EPOCHS, TAG
   for size in ${SIZES:-512x64}; do
-    n=${size#*x}; ds=mqar; bs=128; [ "$size" = 512x64 ] || { ds=mqar$size; bs=256; }
+    n=${size#*x}; L=${size%x*}; R=$((L / 8)); ds=mqar; bs=128; [ "$size" = 512x64 ] || { ds=mqar$size; bs=256; }
     mq="config/mqar.py --dataset=$ds --batch_size=$bs --max_minutes=${MINUTES:-8} --max_epochs=${EPOCHS:-4}"
+    t=${TAG:+-$TAG}  # a budget tag in the run's name (results/summarize_mqar.py keeps it as a variant)
     for lr in ${LRS:-2.2e-3}; do
-      for K in 0 $n $((2 * n)); do cmds+=("$PY train.py $mq --learning_rate=$lr --cache_size=$K --out_dir=$root/mqar$size-K$K-lr$lr"); done
-      cmds+=("$PY train.py $mq --learning_rate=$lr --mixer=attention --cache_size=0 --out_dir=$root/mqar$size-attn-lr$lr")
+      # MIPT: exploration R = L/8 (as R=64 at 512; R >= L would make training attend densely, see train.py)
+      for K in 0 $n $((2 * n)); do
+        x=; [ $K = 0 ] || x="--cache_explore=$R"
+        cmds+=("$PY train.py $mq --learning_rate=$lr --cache_size=$K $x --out_dir=$root/mqar$size-K$K${x:+R$R}-lr$lr$t")
+      done
+      cmds+=("$PY train.py $mq --learning_rate=$lr --mixer=attention --cache_size=0 --out_dir=$root/mqar$size-attn-lr$lr$t")
       for p in gated_deltanet mamba2 gla; do
-        cmds+=("$PY train.py $mq --learning_rate=$lr --cache_size=0 --peer=$p --out_dir=$root/mqar$size-$p-lr$lr")
+        cmds+=("$PY train.py $mq --learning_rate=$lr --cache_size=0 --peer=$p --out_dir=$root/mqar$size-$p-lr$lr$t")
       done
     done
   done

@@ -9,6 +9,7 @@ h plus its K slots (MIPT.state_bytes of a fresh state), the peers' recurrent sta
 """
 import json
 import os
+import re
 import sys
 
 here = os.path.dirname(os.path.abspath(__file__))
@@ -20,10 +21,16 @@ raw = os.path.join(here, 'raw', 'mqar')
 PEERS = ('gated_deltanet', 'mamba2', 'gla')
 
 
+RUN = re.compile(r'^mqar(?P<size>\d+x\d+)-(?P<model>[^-]+)-lr(?P<lr>[0-9.]+e-\d+)(?:-(?P<tag>.+))?$')
+
+
 def model_name(run):
-    """'mqar512x64-K64-lr2.2e-3' -> ('512x64', 'K64', '2.2e-3')."""
-    size, model, lr = run.split('-', 2)
-    return size[len('mqar'):], model, lr[len('lr'):]
+    """'mqar512x64-K64-lr2.2e-3' -> ('512x64', 'K64', '2.2e-3'); a MIPT run's exploration ('K4R8': R=8) and
+    a budget tag ('-e16') are variants of the same row, chosen on val like the learning rate."""
+    m = RUN.match(run)
+    if m is None:
+        raise SystemExit(f"summarize_mqar.py: cannot read the run name {run!r} (mqar<L>x<N>-<model>-lr<lr>[-<tag>])")
+    return m['size'], re.sub(r'(K\d+)R\d+$', r'\1', m['model']), m['lr']
 
 
 def state_bytes(m, L):
@@ -52,7 +59,10 @@ for run in sorted(os.listdir(raw)):
                    'time limit' if m.get('stopped_at_time_limit') else 'epochs',
                    tokens_per_s=m['tokens_per_sec'], wall_s=round(m['wall_time_s']), device=m['device'],
                    commit=m['git_commit'], state_bytes_per_layer=state_bytes(m, L),
-                   impl=m['model_config'].get('cache_impl') if not m['peer'] else m['peer'])
+                   impl=m['model_config'].get('cache_impl') if not m['peer'] else m['peer'],
+                   **({'cache_explore': m['model_config']['cache_explore']}
+                      if m['model_config'].get('mixer') == 'mipt' and not m['peer']
+                      and m['model_config'].get('cache_size') else {}))
     else:
         tail = open(os.path.join(d, 'stdout_tail.txt')).read().strip().splitlines()
         row.update(val=None, test=None, error=next((t for t in reversed(tail) if 'Error' in t), tail[-1] if tail else ''))
@@ -68,7 +78,7 @@ for size, models in runs.items():
         done = [r for r in rows if r['val'] is not None]
         best = max(done, key=lambda r: r['val']) if done else (rows[0] if rows else None)
         if best is not None:
-            table[size][model] = {**best, 'lrs_tried': sorted(r['lr'] for r in rows)}
+            table[size][model] = {**best, 'lrs_tried': sorted(r['lr'] for r in rows), 'runs_tried': len(rows)}
 
 out = {'protocol': 'Zoology MQAR, V=8192, 2 layers, d_model 128, 100k train / 3k val / 3k test, AdamW wd 0.1, '
                    'cosine; shrunk: at most MINUTES of wall time per run (several runs share one H200), up to 4 '

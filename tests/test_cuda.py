@@ -301,14 +301,14 @@ def test_model_uses_the_kernel_and_matches_the_torch_scan():
     assert abs(lc.item() - lb.item()) < 0.05
 
 
-def graphed_against_eager(model, prompt, n, tol, look=lambda graphed: None):
+def graphed_against_eager(model, prompt, n, tol, look=lambda graphed: None, compile=False):
     """Step n greedy tokens after prompt eagerly and through model.graphed_step; the logits agree to tol.
     Returns the final (eager, graphed) states; look(graphed state) after every step."""
     with torch.no_grad():
         _, eager = model.prefill(prompt)
         _, st = model.prefill(prompt)
         assert model.graphable()
-        step = model.graphed_step(st)
+        step = model.graphed_step(st, compile=compile)
         tok = prompt[:, -1]
         for _ in range(n):
             le, eager = model.step(tok, eager)
@@ -355,3 +355,22 @@ def test_graphed_twin_equals_eager_twin():
     for _ in range(30):
         ref = torch.cat([ref, model(ref[:, -40:])[0][:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize('mixer', ['mipt', 'attention'])
+def test_compiled_graphed_step_equals_eager_step(mixer):
+    """decode(compile=True): the step compiled by torch.compile, then captured, gives eager step's logits and
+    state, for MIPT (evictions included) and the twin; decode's tokens match the uncompiled graph's."""
+    torch.manual_seed(0)
+    cfg = mipt.MIPTConfig(vocab_size=97, block_size=64, n_layer=2, n_embd=64, n_head=4, mixer=mixer,
+                          cache_size=4 if mixer == 'mipt' else 0)
+    model = mipt.MIPT(cfg).to(DEV).eval()
+    if mixer == 'mipt':
+        for block in model.blocks:
+            block.mix.proj.bias.data[:64].normal_(-1.0, 1.0)
+    prompt = torch.randint(0, 97, (2, 20), device=DEV)
+    eager, graphed = graphed_against_eager(model, prompt, 30, 1e-4, compile=True)
+    assert int(graphed.pos) == eager.pos == 50
+    plain = torch.stack([d.token for d in model.decode(prompt, 12, temperature=0)], 1)
+    fused = torch.stack([d.token for d in model.decode(prompt, 12, temperature=0, compile=True)], 1)
+    assert torch.equal(plain, fused)

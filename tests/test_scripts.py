@@ -528,6 +528,8 @@ def test_seq(seq_dir, tmp_path):
     r = ok(run('train.py', *TINY, '--task=seq', f'--data_dir={seq_dir}', f'--out_dir={tmp_path}',
                '--max_epochs=1', '--eval_interval=8', '--batch_size=8', '--eval_batch_size=5'))
     assert 'best val acc' in r.stdout and 'test acc' in r.stdout
+    # exploration over at least every position makes training dense: train.py says so
+    assert 'warning: cache_explore=64 >= block_size=16: in training every query also attends' in r.stdout
     m = json.loads((tmp_path / 'metrics.json').read_text())
     assert m['task'] == 'seq' and m['iters'] == 64 // 8 and m['best_val']['iter'] in (0, 8)
     assert m['model_config']['n_classes'] == 0 and m['model_config']['block_size'] == 16  # the data's seq_len
@@ -539,8 +541,10 @@ def test_seq(seq_dir, tmp_path):
 def test_seq_stop_at_and_time_limit(seq_dir, tmp_path):
     """stop_at=0.0001 ends training at the first evaluation that reaches it; max_minutes ends it at the next
     iteration once the time is up. Either way the best checkpoint is tested and the reason recorded."""
-    common = ['--task=seq', f'--data_dir={seq_dir}', '--max_epochs=4', '--eval_interval=2', '--batch_size=8']
-    ok(run('train.py', *TINY, *common, f'--out_dir={tmp_path / "a"}', '--stop_at=0.0001', '--learning_rate=0.05'))
+    common = ['--task=seq', f'--data_dir={seq_dir}', '--max_epochs=4', '--eval_interval=2', '--batch_size=8',
+              '--cache_explore=4']
+    r = ok(run('train.py', *TINY, *common, f'--out_dir={tmp_path / "a"}', '--stop_at=0.0001', '--learning_rate=0.05'))
+    assert 'warning: cache_explore' not in r.stdout
     m = json.loads((tmp_path / 'a' / 'metrics.json').read_text())
     assert m['stopped_at_target'] and m['iters'] < 4 * 64 // 8 and m['best_val']['acc'] >= 0.0001 and m['test']
     r = ok(run('train.py', *TINY, *common, f'--out_dir={tmp_path / "a"}', '--stop_at=0.0001', '--init_from=resume'))
