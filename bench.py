@@ -19,7 +19,7 @@ Sections
     train   one LM training step at T = 2k and 8k (AdamW, bf16 autocast), MIPT (K=64) against the SDPA twin and
             the naive-attention twin, ~31M parameters with cl100k_base, tokens/s and peak memory; also the
             twin with no mixer at all (embedding, FFNs, head), the floor under any mixer's step
-    decode  batch-1 decoding after 1k, 8k and 64k tokens of context: tokens/s and memory (MIPT eager and
+    decode  batch-1 decoding after 1k and 64k tokens of context: tokens/s and memory (MIPT eager and
             through one CUDA graph per token, model.graphed_step)
     memory  peak training memory of the paper's classification model (d=128, 2 layers) against N; MIPT also with
             recompute=True (each MIPT layer's forward replayed in backward)
@@ -80,7 +80,7 @@ budget_s = 520.0               # skip cells that would start after this many sec
 SCAN_SHAPES = [(8, 1024, 2048), (8, 1024, 8192), (1, 1024, 65536)]  # (B, D, T)
 TRAIN_T = [2048, 8192]          # the target is at 2048; 512 and 16384 left out to fit the 9-minute run
 TRAIN_TOKENS = 16384           # tokens per training step, B = TRAIN_TOKENS // T
-DECODE_CONTEXT = [1024, 8192, 65536]
+DECODE_CONTEXT = [1024, 65536]
 MEMORY_N = [512, 1024, 2048, 4096, 8192, 16384]
 MEMORY_BATCH = 8
 MIXER_D = 1024

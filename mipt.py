@@ -708,8 +708,9 @@ class MIPT(nn.Module):
         if idx.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"token ids must be an integer tensor, got {idx.dtype}")
         # on a GPU the check waits for the device: done in eval and decoding (outside a graph capture), not in
-        # every training step
-        if idx.numel() and not (idx.is_cuda and (self.training or torch.cuda.is_current_stream_capturing())):
+        # every training step, nor inside torch.compile (decode(compile=True)), where it would split the graph
+        if idx.numel() and not (idx.is_cuda and (self.training or torch.cuda.is_current_stream_capturing())
+                                or torch.compiler.is_compiling()):
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(f"token ids must lie in [0, vocab_size={self.config.vocab_size}), got ids from {lo} to {hi}")
@@ -719,10 +720,14 @@ class MIPT(nn.Module):
         x = self.wte(idx)
         if self.wpe is not None:
             T = idx.shape[-1] if idx.dim() == 2 else 1
-            if t0 + T > self.config.block_size:
+            if torch.is_tensor(t0):  # a CUDA graph's position (graphed_step bounds it): no host sync here
+                pos = t0 + torch.arange(T, device=idx.device)
+            elif t0 + T > self.config.block_size:
                 raise ValueError(f"the attention twin has learned positions up to block_size="
                                  f"{self.config.block_size}, got position {t0 + T - 1}; crop the context")
-            x = x + self.wpe(torch.arange(t0, t0 + T, device=idx.device)).squeeze(0)
+            else:
+                pos = torch.arange(t0, t0 + T, device=idx.device)
+            x = x + self.wpe(pos).squeeze(0)
         return self.drop(x)
 
     def _body(self, idx, want_state=False):
@@ -871,13 +876,14 @@ class MIPT(nn.Module):
         if self._graph_blocker():
             raise ValueError(self._graph_blocker())
         dev = self.wte.weight.device
-        if self.config.mixer == 'attention':  # the twin's cache, preallocated to its block size
+        twin = self.config.mixer == 'attention'
+        if twin:  # the twin's cache, preallocated to its block size (fresh tensors, written in place uncloned)
             if state.pos >= self.config.block_size:
                 raise ValueError(f"graphed_step: the twin's context ({state.pos}) already fills its block_size "
                                  f"({self.config.block_size})")
             state = DecodeState(layers=[st.to_static(self.config.block_size) for st in state.layers],
                                 pos=state.pos, pooled=state.pooled)
-        static = state.map(lambda t: t.to(dev).clone())
+        static = state.map(lambda t: t.to(dev) if twin else t.to(dev).clone())
         static.pos = torch.as_tensor(state.pos, device=dev).clone()  # a tensor, so that it is not baked in
         tok = torch.zeros(static.batch_size, dtype=torch.long, device=dev)
         ctx = torch.autocast('cuda', dtype=dtype, cache_enabled=False) if dtype else contextlib.nullcontext()
@@ -893,7 +899,10 @@ class MIPT(nn.Module):
                 static.copy_(new)
             return logits
 
-        saved = static.map(torch.clone)
+        # to undo the warm-up below; not the static KV cache, whose warm-up writes lie at positions >= pos,
+        # masked until real steps overwrite them (one copy of the largest state, not two)
+        kv = {id(t) for st in static.layers if isinstance(st, StaticKVCache) for t in (st.k, st.v)}
+        saved = static.map(lambda t: t if id(t) in kv else t.clone())
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.device(dev):
             side = torch.cuda.Stream(dev)
@@ -906,7 +915,13 @@ class MIPT(nn.Module):
             with torch.cuda.graph(graph, stream=side):
                 logits = run()
 
+        left = [self.config.block_size - state.pos if twin else math.inf]
+
         def step(idx_t):
+            if left[0] <= 0:  # counted on the host: the graph's position lives on the device
+                raise ValueError(f"graphed_step: the twin's context reached its block_size ({self.config.block_size});"
+                                 f" decode slides a window past it")
+            left[0] -= 1
             tok.copy_(idx_t)
             graph.replay()
             return logits.clone(), static

@@ -350,6 +350,12 @@ def test_graphed_twin_equals_eager_twin():
     model = mipt.MIPT(cfg).to(DEV).eval()
     prompt = torch.randint(0, 97, (2, 20), device=DEV)
     graphed_against_eager(model, prompt, 15, 1e-4)
+    with torch.no_grad():
+        step = model.graphed_step(model.prefill(prompt)[1])
+        for _ in range(20):                              # positions 20..39, the last the block holds
+            step(prompt[:, -1])
+        with pytest.raises(ValueError, match='reached its block_size'):
+            step(prompt[:, -1])
     out = model.generate(prompt, 30, top_k=1)           # graphed until position 40, then the window
     ref = prompt
     for _ in range(30):

@@ -437,6 +437,30 @@ def test_static_kv_cache_steps_like_the_growing_one():
         grow.layers[0].to_static(26)
 
 
+@pytest.mark.parametrize('mixer', ['mipt', 'attention'])
+def test_graphable_step_traces_without_a_host_sync(mixer):
+    """What graphed_step captures: step with the position as a tensor (and the twin's static KV cache) must not
+    read a value back to the host (a .item() or a tensor's bool breaks a CUDA graph capture). torch.compile
+    with fullgraph=True refuses any such break, so it checks this on the CPU; the logits equal eager's."""
+    torch.manual_seed(0)
+    model = MIPT(small(mixer=mixer, cache_size=4 if mixer == 'mipt' else 0, block_size=32)).eval()
+    prompt = torch.randint(0, 40, (2, 7))
+    with torch.no_grad():
+        _, ref = model.prefill(prompt)
+        _, st = model.prefill(prompt)
+        if mixer == 'attention':
+            st.layers = [s.to_static(32) for s in st.layers]
+        st.pos = torch.tensor(st.pos)
+        traced = torch.compile(model.step, backend='eager', fullgraph=True)
+        tok = prompt[:, -1]
+        for _ in range(3):
+            la, ref = model.step(tok, ref)
+            lb, st = traced(tok, st)
+            assert torch.allclose(la, lb, atol=1e-5, rtol=1e-5)
+            tok = la.argmax(-1)
+    assert int(st.pos) == ref.pos == 10
+
+
 # ----------------------------------------------------------------------------- THE RULE, exploration
 def test_rank_is_the_rule():
     gen = torch.Generator().manual_seed(5)
