@@ -692,6 +692,9 @@ def targets(res):
         elif a.get('tokens_per_s') in ('OOM', 'skipped') and a.get('note', '') != 'time budget':
             t['decode_B128_64k_mipt_over_attention'] = {'measured': None, 'goal': 5.0, 'met': True,
                                                         'note': f"attention {a['tokens_per_s']}"}
+            m16, a16 = bd.get((65536, 16, 'mipt_K64_graph'), {}), bd.get((65536, 16, 'attention_sdpa'), {})
+            if _num(m16.get('tokens_per_s')) and _num(a16.get('tokens_per_s')):  # the largest batch both ran
+                t['decode_B128_64k_mipt_over_attention']['at_B16'] = m16['tokens_per_s'] / a16['tokens_per_s']
     b1 = {}  # per graphed MIPT variant: its slowest context at batch 1; the target takes the better variant
     for (c, B, model), r in bd.items():
         if B == 1 and model.startswith('mipt_K64_graph') and r.get('graphed') and _num(r.get('tokens_per_s')):

@@ -688,5 +688,6 @@ if master:
     print(f"metrics: {metrics_path}")
     if note:
         die(f"{note}: {metrics_path} has test=null; `--init_from=resume --out_dir={out_dir}` evaluates test again")
-if ddp:
+if ddp:  # the others wait for rank 0's test pass: tearing gloo down under it could abort a process
+    torch.distributed.barrier()
     destroy_process_group()

@@ -81,10 +81,11 @@ for size, models in runs.items():
             table[size][model] = {**best, 'lrs_tried': sorted(r['lr'] for r in rows), 'runs_tried': len(rows)}
 
 out = {'protocol': 'Zoology MQAR, V=8192, 2 layers, d_model 128, 100k train / 3k val / 3k test, AdamW wd 0.1, '
-                   'cosine; shrunk: at most MINUTES of wall time per run (several runs share one H200), up to 4 '
-                   'epochs at 512x64 (16 below), stop at val 0.99, lrs as listed per row (chosen on val)',
-       'command': 'SIZES="512x64 128x8 ..." LRS="..." MINUTES=8 bash results/recall.sh RUNS 14 mqar; '
-                  'python results/summarize_mqar.py',
+                   'cosine; shrunk: at most MINUTES (7-8) of wall time per run (several runs share one H200), '
+                   'cosine over 4, 16 or 64 epochs (run tags e16/e64), stop at val 0.99; per row the run with the '
+                   'best val among the lrs, exploration R (MIPT: K<k>R<r> runs; untagged R is 64) and budgets tried',
+       'command': 'SIZES="512x64 128x8 ..." LRS="..." MINUTES=8 [EPOCHS=16 TAG=e16] bash results/recall.sh RUNS 8 '
+                  'mqar; python results/summarize_mqar.py (each run: results/raw/mqar/<run>/command.txt)',
        'table': table, 'runs': runs}
 with open(os.path.join(here, 'mqar.json'), 'w') as f:
     json.dump(out, f, indent=1)
@@ -110,8 +111,10 @@ if mipt is not None and peer_scores:
     gap = mipt - peer_scores[best]
     t['mqar_512x64_mipt_minus_best_peer'] = target(
         gap, 0.0, gap > 0 and not missing, 'results/mqar.json',
-        f"best recurrent peer {best} at {peer_scores[best]:.4f}" +
-        (f"; not measured: {', '.join(missing)}" if missing else ''))
+        f"best recurrent peer {best} at {peer_scores[best]:.4f}; peers' epochs in the same minutes: " +
+        ', '.join(f"{p} {t512[p].get('epochs')}" for p in peer_scores) +
+        " (on the H200 image fla refuses the gated backward, so peers.py trains Gated DeltaNet and Mamba2 "
+        "through slower exact substitutes)" + (f"; not measured: {', '.join(missing)}" if missing else ''))
 with open(path, 'w') as f:
     json.dump(summary, f, indent=1)
 for size in table:
