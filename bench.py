@@ -456,7 +456,7 @@ def bench_batchdecode():
         for name, mixer in [('mipt_K64_graph', 'mipt'), ('attention_sdpa', 'attention'),
                             ('mipt_K64_graph_compiled', 'mipt'), ('attention_sdpa_compiled', 'attention')]:
             compiled = name.endswith('_compiled')
-            for B in ints(batchdecode_batch)[:1] if compiled else ints(batchdecode_batch):
+            for B in [b for b in ints(batchdecode_batch) if b == 1 or not compiled]:
                 row = {'context': ctx, 'batch': B, 'model': name}
                 cfg = lm_config(mixer, ctx + n + 8)
                 if mixer == 'attention':  # the KV cache at the end, bf16: B x T x (k, v) x layers x D x 2 bytes

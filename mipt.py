@@ -246,6 +246,11 @@ class State:
         return self
 
 
+def _traced():
+    """Inside a CUDA graph capture or torch.compile, where reading a value back to the host is not allowed."""
+    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
 def _complex(dtype):
     return torch.complex128 if dtype == torch.float64 else torch.complex64
 
@@ -709,8 +714,7 @@ class MIPT(nn.Module):
             raise TypeError(f"token ids must be an integer tensor, got {idx.dtype}")
         # on a GPU the check waits for the device: done in eval and decoding (outside a graph capture), not in
         # every training step, nor inside torch.compile (decode(compile=True)), where it would split the graph
-        if idx.numel() and not (idx.is_cuda and (self.training or torch.cuda.is_current_stream_capturing())
-                                or torch.compiler.is_compiling()):
+        if idx.numel() and not (idx.is_cuda and self.training or _traced()):
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(f"token ids must lie in [0, vocab_size={self.config.vocab_size}), got ids from {lo} to {hi}")
@@ -720,6 +724,8 @@ class MIPT(nn.Module):
         x = self.wte(idx)
         if self.wpe is not None:
             T = idx.shape[-1] if idx.dim() == 2 else 1
+            if torch.is_tensor(t0) and not _traced():
+                t0 = int(t0)  # eager: checked below like an int
             if torch.is_tensor(t0):  # a CUDA graph's position (graphed_step bounds it): no host sync here
                 pos = t0 + torch.arange(T, device=idx.device)
             elif t0 + T > self.config.block_size:
@@ -883,7 +889,8 @@ class MIPT(nn.Module):
                                  f"({self.config.block_size})")
             state = DecodeState(layers=[st.to_static(self.config.block_size) for st in state.layers],
                                 pos=state.pos, pooled=state.pooled)
-        static = state.map(lambda t: t.to(dev) if twin else t.to(dev).clone())
+        kv = {id(t) for st in state.layers if isinstance(st, StaticKVCache) for t in (st.k, st.v)}
+        static = state.map(lambda t: t.to(dev) if id(t) in kv else t.to(dev).clone())
         static.pos = torch.as_tensor(state.pos, device=dev).clone()  # a tensor, so that it is not baked in
         tok = torch.zeros(static.batch_size, dtype=torch.long, device=dev)
         ctx = torch.autocast('cuda', dtype=dtype, cache_enabled=False) if dtype else contextlib.nullcontext()
@@ -899,9 +906,8 @@ class MIPT(nn.Module):
                 static.copy_(new)
             return logits
 
-        # to undo the warm-up below; not the static KV cache, whose warm-up writes lie at positions >= pos,
-        # masked until real steps overwrite them (one copy of the largest state, not two)
-        kv = {id(t) for st in static.layers if isinstance(st, StaticKVCache) for t in (st.k, st.v)}
+        # to undo each warm-up step; not the static KV cache, whose warm-up write lies at position pos, masked
+        # until the first real step overwrites it (one copy of the largest state, not two)
         saved = static.map(lambda t: t if id(t) in kv else t.clone())
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.device(dev):
@@ -910,8 +916,8 @@ class MIPT(nn.Module):
             with torch.cuda.stream(side):  # warm-up outside the graph (kernel loading, workspaces)
                 for _ in range(2):
                     run()
+                    static.copy_(saved)  # undone each time: both stay at pos (< block_size for the twin)
             torch.cuda.current_stream(dev).wait_stream(side)
-            static.copy_(saved)  # undo the warm-up's steps
             with torch.cuda.graph(graph, stream=side):
                 logits = run()
 

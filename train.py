@@ -261,10 +261,11 @@ eval_bs = eval_batch_size or max(batch_size, min(65536, 2**28 // logits_per_toke
 # model config (from the flags, or on resume from the checkpoint), out_dir and its lock
 model_args = {f.name: globals()[f.name] for f in dataclasses.fields(MIPTConfig) if f.name in globals()}
 model_args.update(vocab_size=vocab_size, n_classes=n_classes, block_size=block_size)
-if master and mixer == 'mipt' and peer == '' and cache_size != 0 and cache_explore >= block_size:
-    print(f"warning: cache_explore={cache_explore} >= block_size={block_size}: in training every query also "
-          f"attends to every earlier position, so the exact cache that eval and decoding read is never trained "
-          f"alone; cache_explore <= block_size // 4 keeps the selection signal (see README, Recall)")
+if master and mixer == 'mipt' and not peer and cache_size != 0 and (cache_explore >= block_size or cache_explore == -1):
+    how = '(all)' if cache_explore == -1 else f'>= block_size={block_size}'
+    print(f"warning: cache_explore={cache_explore} {how}: in training every query also attends to every earlier "
+          f"position, so the exact cache that eval and decoding read is never trained alone; cache_explore <= "
+          f"block_size // 4 keeps the selection signal (see README, Recall)")
 last_path, best_path = os.path.join(out_dir, 'ckpt_last.pt'), os.path.join(out_dir, 'ckpt.pt')
 metrics_path, log_path = os.path.join(out_dir, 'metrics.json'), os.path.join(out_dir, 'log.jsonl')
 ck = None
@@ -632,6 +633,9 @@ while True:
         pbar.close()
         stop(f"at iter {iter_num}")
 pbar.close()
+if ddp:  # no collective follows: every process leaves together, then rank 0 alone tests and writes metrics
+    torch.distributed.barrier()
+    destroy_process_group()
 
 # -----------------------------------------------------------------------------
 # the end: the best checkpoint, evaluated once on test; metrics.json
@@ -688,6 +692,3 @@ if master:
     print(f"metrics: {metrics_path}")
     if note:
         die(f"{note}: {metrics_path} has test=null; `--init_from=resume --out_dir={out_dir}` evaluates test again")
-if ddp:  # the others wait for rank 0's test pass: tearing gloo down under it could abort a process
-    torch.distributed.barrier()
-    destroy_process_group()

@@ -356,11 +356,12 @@ def test_graphed_twin_equals_eager_twin():
             step(prompt[:, -1])
         with pytest.raises(ValueError, match='reached its block_size'):
             step(prompt[:, -1])
-    out = model.generate(prompt, 30, top_k=1)           # graphed until position 40, then the window
-    ref = prompt
-    for _ in range(30):
-        ref = torch.cat([ref, model(ref[:, -40:])[0][:, -1].argmax(-1, keepdim=True)], 1)
-    assert torch.equal(out, ref)
+    for p in (prompt, torch.randint(0, 97, (2, 39), device=DEV)):  # 39: the graph is built at the last position
+        out = model.generate(p, 30, top_k=1)             # graphed until position 40, then the window
+        ref = p
+        for _ in range(30):
+            ref = torch.cat([ref, model(ref[:, -40:])[0][:, -1].argmax(-1, keepdim=True)], 1)
+        assert torch.equal(out, ref)
 
 
 @pytest.mark.parametrize('mixer', ['mipt', 'attention'])
@@ -375,7 +376,10 @@ def test_compiled_graphed_step_equals_eager_step(mixer):
         for block in model.blocks:
             block.mix.proj.bias.data[:64].normal_(-1.0, 1.0)
     prompt = torch.randint(0, 97, (2, 20), device=DEV)
+    from torch._dynamo.utils import counters
+    graphs = counters['stats']['unique_graphs']
     eager, graphed = graphed_against_eager(model, prompt, 30, 1e-4, compile=True)
+    assert counters['stats']['unique_graphs'] > graphs  # the step was compiled, not silently left eager
     assert int(graphed.pos) == eager.pos == 50
     plain = torch.stack([d.token for d in model.decode(prompt, 12, temperature=0)], 1)
     fused = torch.stack([d.token for d in model.decode(prompt, 12, temperature=0, compile=True)], 1)

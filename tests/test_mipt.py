@@ -461,6 +461,17 @@ def test_graphable_step_traces_without_a_host_sync(mixer):
     assert int(st.pos) == ref.pos == 10
 
 
+def test_eager_step_with_a_tensor_position_is_still_checked():
+    """Outside a graph or compile, a tensor position is read back and bounded like an int (the twin's learned
+    positions stop at block_size)."""
+    model = MIPT(small(mixer='attention', cache_size=0, block_size=8)).eval()
+    with torch.no_grad():
+        _, st = model.prefill(torch.randint(0, 40, (1, 8)))
+        st.pos = torch.tensor(8)
+        with pytest.raises(ValueError, match='learned positions up to block_size=8, got position 8'):
+            model.step(torch.tensor([1]), st)
+
+
 # ----------------------------------------------------------------------------- THE RULE, exploration
 def test_rank_is_the_rule():
     gen = torch.Generator().manual_seed(5)
