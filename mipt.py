@@ -603,7 +603,8 @@ class SelfAttention(nn.Module):
             att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), -math.inf)
             y = F.dropout(torch.softmax(att, dim=-1), drop, self.training) @ v
         out = self.c_proj(y.transpose(1, 2).reshape(B, T, D))
-        return out, None, (KVCache(k=k, v=v) if want_state else None)
+        # the state copies K and V out of the fused projection, so that its (B, T, 3D) output is freed
+        return out, None, (KVCache(k=k.contiguous(), v=v.contiguous()) if want_state else None)
 
     def init_state(self, B, device, dtype):
         hd = self.c_proj.in_features // self.n_head

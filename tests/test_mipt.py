@@ -461,6 +461,17 @@ def test_graphable_step_traces_without_a_host_sync(mixer):
     assert int(st.pos) == ref.pos == 10
 
 
+def test_twin_prefill_state_holds_only_its_keys_and_values():
+    """The twin's KV cache after prefill owns its memory: not views that keep the (B, T, 3D) projection alive."""
+    model = MIPT(small(mixer='attention', cache_size=0, block_size=16)).eval()
+    with torch.no_grad():
+        _, st = model.prefill(torch.randint(0, 40, (2, 16)))
+    for layer in st.layers:
+        for t in (layer.k, layer.v):
+            assert t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    assert MIPT.state_bytes(st) == 2 * 2 * 16 * model.config.n_embd * 4 * model.config.n_layer
+
+
 def test_eager_step_with_a_tensor_position_is_still_checked():
     """Outside a graph or compile, a tensor position is read back and bounded like an int (the twin's learned
     positions stop at block_size)."""
