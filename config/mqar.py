@@ -15,7 +15,8 @@ short warmup and a cosine decay; results/recall.sh also caps each run's wall tim
     Transformer: python train.py config/mqar.py --mixer=attention --cache_size=0 --out_dir=out-mqar-attn
     a peer:      python train.py config/mqar.py --cache_size=0 --peer=gla --out_dir=out-mqar-gla   (fla, GPU)
     other sizes: python data/mqar/prepare.py --seq_len 256 --n_pairs 16 --out_dir data/mqar256
-                 python train.py config/mqar.py --dataset=mqar256 --out_dir=out-mqar256
+                 python train.py config/mqar.py --dataset=mqar256 --cache_size=16 --cache_explore=32 --out_dir=out-mqar256
+(exploration R = L/8, as cache_explore=64 at L=512: R >= L makes training attend densely; train.py warns.)
 (block_size is the data's seq_len, whatever is set here.)
 """
 out_dir = 'out-mqar'
@@ -27,6 +28,7 @@ n_embd = 128
 n_head = 4
 dropout = 0.0
 cache_size = 64
+cache_explore = 64     # R = L/8 (see the docstring); at K=64 val chose R=32 (0.51) over 16 (0.37) and 64 (0.04)
 
 batch_size = 128
 max_epochs = 4         # 100,000 // 128 = 781 iterations per epoch
