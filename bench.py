@@ -44,8 +44,8 @@ fused_fwdbwd_over_floor <= 1.4 (scan, 8x1024x8192), fused_fwdbwd_peak_GB <= 2.5,
 >= 1 (train), memory_mipt_over_sdpa_max <= 1 (memory, worst N; the recompute=True model when measured), decode_state_relative_spread <= 0.01 (decode),
 cache_over_recurrence_fwdbwd <= 1 ((K64 - K0) / K0 fwd+bwd, mixers, worst shape), mipt_over_best_peer_T8192 >= 1
 (mixers, tokens/s at 2x8192 against the fastest fla peer), decode_B128_64k_mipt_over_attention >= 5 and
-decode_B1_graphed_tokens_per_s >= 3000 (batchdecode, worst context, the better MIPT variant), train_mixerbound_T8192_mipt_over_sdpa >= 1.5
-(trainmix, with the no-mixer ceiling beside it).
+decode_B1_graphed_tokens_per_s >= 3000 (batchdecode, worst context, the better MIPT variant),
+train_mixerbound_T8192_mipt_over_sdpa >= 1.5 (trainmix, with the no-mixer ceiling beside it).
 
 Optional peers (rows skipped when missing): flash-linear-attention for `mixers` (peers.py) and accelerated-scan
 for `scan`. Offline, from the wheels in .whl/:
@@ -412,13 +412,14 @@ def bench_trainmix():
 def decode_tokens(model, prompt, n, batch=1, graph=True, compile=False):
     """n greedy tokens per row after prompt (1, T), copied to `batch` rows, through model.decode (the model's one
     decoding loop: a parallel prefill, then one step per token, replayed as a CUDA graph when graph and the model
-    allows it, compiled first when compile) under bf16 autocast. Returns (tokens (batch, n), seconds for n steps at the rate of the timed ones,
-    decoding state bytes): the clock runs over the last n - 2 steps, after prefill, graph capture and two steps."""
+    allows it, compiled first when compile) under bf16 autocast. Returns (tokens (batch, n), seconds for n steps at
+    the rate of the timed ones, decoding state bytes): the clock runs over the last n - 2 steps, after prefill,
+    graph capture and two steps."""
     assert n >= 3, 'time at least one step after the first two'
     out, t0 = [], None
     with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
-        for i, d in enumerate(model.decode(prompt.expand(batch, -1), n, temperature=0, want_s=True, graph=graph,
-                                                compile=compile)):
+        steps = model.decode(prompt.expand(batch, -1), n, temperature=0, want_s=True, graph=graph, compile=compile)
+        for i, d in enumerate(steps):
             out.append(d.token)
             if i == 1:
                 torch.cuda.synchronize()

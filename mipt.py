@@ -725,14 +725,13 @@ class MIPT(nn.Module):
         x = self.wte(idx)
         if self.wpe is not None:
             T = idx.shape[-1] if idx.dim() == 2 else 1
-            if torch.is_tensor(t0) and not _traced():
-                t0 = int(t0)  # eager: checked below like an int
-            if torch.is_tensor(t0):  # a CUDA graph's position (graphed_step bounds it): no host sync here
+            if torch.is_tensor(t0) and _traced():  # a CUDA graph's position (graphed_step bounds it): no host sync
                 pos = t0 + torch.arange(T, device=idx.device)
-            elif t0 + T > self.config.block_size:
-                raise ValueError(f"the attention twin has learned positions up to block_size="
-                                 f"{self.config.block_size}, got position {t0 + T - 1}; crop the context")
             else:
+                t0 = int(t0)
+                if t0 + T > self.config.block_size:
+                    raise ValueError(f"the attention twin has learned positions up to block_size="
+                                     f"{self.config.block_size}, got position {t0 + T - 1}; crop the context")
                 pos = torch.arange(t0, t0 + T, device=idx.device)
             x = x + self.wpe(pos).squeeze(0)
         return self.drop(x)

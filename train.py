@@ -261,7 +261,8 @@ eval_bs = eval_batch_size or max(batch_size, min(65536, 2**28 // logits_per_toke
 # model config (from the flags, or on resume from the checkpoint), out_dir and its lock
 model_args = {f.name: globals()[f.name] for f in dataclasses.fields(MIPTConfig) if f.name in globals()}
 model_args.update(vocab_size=vocab_size, n_classes=n_classes, block_size=block_size)
-if master and mixer == 'mipt' and not peer and cache_size != 0 and (cache_explore >= block_size or cache_explore == -1):
+dense = cache_explore == -1 or cache_explore >= block_size  # exploration reaches every earlier position
+if master and mixer == 'mipt' and not peer and cache_size != 0 and dense:
     how = '(all)' if cache_explore == -1 else f'>= block_size={block_size}'
     print(f"warning: cache_explore={cache_explore} {how}: in training every query also attends to every earlier "
           f"position, so the exact cache that eval and decoding read is never trained alone; cache_explore <= "
