@@ -85,7 +85,7 @@ MEMORY_N = [512, 1024, 2048, 4096, 8192, 16384]
 MEMORY_BATCH = 8
 MIXER_D = 1024
 MIXER_HEADS = 8
-mixer_shapes = '2x8192,8x2048,1x32768,8x8192,8x32768'  # BxT; 2x8192 first (a target needs it)
+mixer_shapes = '2x8192,8x2048,1x32768'  # BxT, the T = 8192, 2048, 32768; 2x8192 first (a target needs it)
 mixer_peers = 'hgrn,gla,mamba2,gated_deltanet'         # fla peers (peers.py), when installed
 batchdecode_batch = '1,16,128'
 batchdecode_context = '8192,65536'

@@ -195,6 +195,8 @@ def mipt_recurrence(logit, theta, u_re, u_im, h0=None, impl='auto'):
     """The MIPT recurrence from the layer's projections. Inputs (B, T, D) real, h0 (B, D) complex or None.
     Returns y = Re h (B, T, D) and the last state h_T (B, D), in float32 (float64 for float64 inputs),
     also under bf16 autocast: the state accumulates and PyTorch has no complex bf16."""
+    if logit.shape[1] == 1 and impl != 'cuda':  # one step (decoding) needs no scan
+        return recurrence_step(logit[:, 0], theta[:, 0], u_re[:, 0], u_im[:, 0], h0)
     if logit.is_cuda and logit.dtype == torch.float16:  # the kernel reads fp32 or bf16
         logit, theta, u_re, u_im = (t.float() for t in (logit, theta, u_re, u_im))
     fits = logit.is_cuda and logit.dtype in (torch.float32, torch.bfloat16)
@@ -209,6 +211,23 @@ def mipt_recurrence(logit, theta, u_re, u_im, h0=None, impl='auto'):
     b = p * torch.complex(u_re.to(dtype), u_im.to(dtype))  # (B, T, D) complex
     h = scan(a, b, h0)
     return h.real, h[:, -1]
+
+
+def recurrence_step(logit, theta, u_re, u_im, h0=None):
+    """One step, h = (1 - p) e^{i theta} h0 + p u, in real arithmetic: elementwise work that torch.compile
+    fuses into the decoding step (no complex tensors but the state's view). Inputs (B, D); returns y (B, 1, D)
+    and h (B, D), as mipt_recurrence."""
+    dtype = torch.promote_types(logit.dtype, torch.float32)
+    p = torch.sigmoid(logit.to(dtype))
+    a_re, a_im = (1 - p) * torch.cos(theta.to(dtype)), (1 - p) * torch.sin(theta.to(dtype))
+    b_re, b_im = p * u_re.to(dtype), p * u_im.to(dtype)
+    if h0 is None:
+        h_re, h_im = b_re, b_im
+    else:
+        h0 = torch.view_as_real(h0.to(_complex(dtype)).resolve_conj())          # (B, D, 2)
+        h_re = a_re * h0[..., 0] - a_im * h0[..., 1] + b_re
+        h_im = a_re * h0[..., 1] + a_im * h0[..., 0] + b_im
+    return h_re[:, None], torch.view_as_complex(torch.stack([h_re, h_im], -1))
 
 
 # -----------------------------------------------------------------------------
@@ -844,6 +863,13 @@ class MIPT(nn.Module):
         state.advance()
         return self.head(x), state
 
+    def step_into(self, idx_t, state):
+        """step, with the new state written into state's own tensors (what graphed_step captures: a graph
+        reads and writes fixed memory). state.pos must be a tensor. Returns the logits."""
+        logits, new = self.step(idx_t, state.map(lambda t: t))  # a shallow copy: step rebinds its fields
+        state.copy_(new)
+        return logits
+
     @torch.no_grad()
     def prefill(self, idx):
         """A parallel pass over a prompt (B, T). Returns the last position's logits and the decoding state,
@@ -895,16 +921,14 @@ class MIPT(nn.Module):
         tok = torch.zeros(static.batch_size, dtype=torch.long, device=dev)
         ctx = torch.autocast('cuda', dtype=dtype, cache_enabled=False) if dtype else contextlib.nullcontext()
 
-        step_fn = self.step
-        if compile:
+        step_fn = self.step_into
+        if compile:  # the copies into the static state compile with the step, so they fuse into its kernels
             _allow_recompiles()
-            step_fn = torch.compile(self.step, dynamic=False)
+            step_fn = torch.compile(self.step_into, dynamic=False)
 
         def run():
             with torch.no_grad(), ctx:
-                logits, new = step_fn(tok, static.map(lambda t: t))  # a shallow copy: step rebinds its fields
-                static.copy_(new)
-            return logits
+                return step_fn(tok, static)
 
         # to undo each warm-up step; not the static KV cache, whose warm-up write lies at position pos, masked
         # until the first real step overwrites it (one copy of the largest state, not two)

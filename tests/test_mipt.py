@@ -72,6 +72,25 @@ def test_recurrence_gradcheck_from_raw_inputs():
     assert torch.autograd.gradcheck(f, (*xs, h0))
 
 
+def test_one_step_is_the_scan_s_step():
+    """A single position (decoding) takes recurrence_step, elementwise in real arithmetic: equal in float64 to the
+    definition, with gates near 1 (p ~ 1e-6) and without h0, and differentiable (gradcheck)."""
+    gen = torch.Generator().manual_seed(2)
+    lg, th, ur, ui = [torch.randn(3, 1, 5, dtype=torch.float64, generator=gen) for _ in range(4)]
+    lg[0] = -14.0                                                                 # 1 - p within 1e-6 of 1
+    h0 = torch.randn(3, 5, dtype=torch.complex128, generator=gen)
+    p = torch.sigmoid(lg)
+    for h in (h0, None):
+        ref = scan_ref((1 - p) * torch.exp(1j * th), p * (ur + 1j * ui), h)
+        y, h_last = mipt.mipt_recurrence(lg, th, ur, ui, h, impl='torch')
+        assert y.shape == (3, 1, 5) and h_last.dtype == torch.complex128
+        assert torch.allclose(y, ref.real, rtol=1e-13, atol=1e-14)
+        assert torch.allclose(h_last, ref[:, -1], rtol=1e-13, atol=1e-14)
+    xs = [t.clone().requires_grad_() for t in (lg, th, ur, ui)]
+    f = lambda lg, th, ur, ui, h0: torch.view_as_real(mipt.recurrence_step(lg[:, 0], th[:, 0], ur[:, 0], ui[:, 0], h0)[1])
+    assert torch.autograd.gradcheck(f, (*xs, h0.clone().requires_grad_()))
+
+
 def test_recurrence_matches_definition():
     gen = torch.Generator().manual_seed(1)
     lg, th, ur, ui = [torch.randn(3, 50, 4, dtype=torch.float64, generator=gen) for _ in range(4)]
@@ -439,7 +458,7 @@ def test_static_kv_cache_steps_like_the_growing_one():
 
 @pytest.mark.parametrize('mixer', ['mipt', 'attention'])
 def test_graphable_step_traces_without_a_host_sync(mixer):
-    """What graphed_step captures: step with the position as a tensor (and the twin's static KV cache) must not
+    """What graphed_step captures: step_into with the position as a tensor (and the twin's static KV cache) must not
     read a value back to the host (a .item() or a tensor's bool breaks a CUDA graph capture). torch.compile
     with fullgraph=True refuses any such break, so it checks this on the CPU; the logits equal eager's."""
     torch.manual_seed(0)
@@ -451,11 +470,11 @@ def test_graphable_step_traces_without_a_host_sync(mixer):
         if mixer == 'attention':
             st.layers = [s.to_static(32) for s in st.layers]
         st.pos = torch.tensor(st.pos)
-        traced = torch.compile(model.step, backend='eager', fullgraph=True)
+        traced = torch.compile(model.step_into, backend='eager', fullgraph=True)
         tok = prompt[:, -1]
         for _ in range(3):
             la, ref = model.step(tok, ref)
-            lb, st = traced(tok, st)
+            lb = traced(tok, st)
             assert torch.allclose(la, lb, atol=1e-5, rtol=1e-5)
             tok = la.argmax(-1)
     assert int(st.pos) == ref.pos == 10
