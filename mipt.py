@@ -903,7 +903,8 @@ class MIPT(nn.Module):
         launches). Returns a function idx_t (B,) -> (logits, state) that continues from `state`; the state it
         returns is held in static tensors, updated in place by every call (keep stepping it through the
         returned function, not through step). CUDA MIPT models with a finite cache only; dtype: the autocast
-        dtype to decode in (None: the weights' dtype). compile: torch.compile the step before capturing it
+        dtype to decode in (None: the weights' dtype), with the Linear weights cast to it once (linears_cast).
+        compile: torch.compile the step before capturing it
         (fewer, fused kernels per token; seconds of compilation first)."""
         if self._graph_blocker():
             raise ValueError(self._graph_blocker())
@@ -934,7 +935,7 @@ class MIPT(nn.Module):
         # until the first real step overwrites it (one copy of the largest state, not two)
         saved = static.map(lambda t: t if id(t) in kv else t.clone())
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.device(dev):
+        with torch.cuda.device(dev), linears_cast(self, dtype) as cast:  # Linear weights cast once, not per token
             side = torch.cuda.Stream(dev)
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):  # warm-up outside the graph (kernel loading, workspaces)
@@ -955,6 +956,7 @@ class MIPT(nn.Module):
             tok.copy_(idx_t)
             graph.replay()
             return logits.clone(), static
+        step.weights = cast  # the graph reads these copies: they live as long as step
         return step
 
     @torch.no_grad()
@@ -1202,6 +1204,27 @@ def _fused_available(impl, device):
 
 def cache_attention_fused(q, k, v, log_s, end, cand, null_k, null_v, L):
     return _cache_kernel().CacheAttention.apply(q, k, v, log_s, end, cand, null_k, null_v, L)
+
+
+@contextlib.contextmanager
+def linears_cast(model, dtype):
+    """Within: every nn.Linear of model holds its float32 weight and bias cast to dtype (bf16 or fp16), as autocast
+    casts them on every call: the same rounding, so the same function. graphed_step captures within it, so that a
+    replay reads these copies instead of casting every weight again each token (a third of a batch-1 step, the tied
+    head's 100k x D weight above all). Yields the copies, which whoever replays the graph must keep alive."""
+    swapped = []
+    if dtype in (torch.bfloat16, torch.float16):
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                for name, p in list(m._parameters.items()):
+                    if p is not None and p.dtype == torch.float32:
+                        swapped.append((m, name, p))
+                        m._parameters[name] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
+    try:
+        yield [m._parameters[name] for m, name, _ in swapped]
+    finally:
+        for m, name, p in swapped:
+            m._parameters[name] = p
 
 
 def _allow_recompiles():

@@ -480,6 +480,29 @@ def test_graphable_step_traces_without_a_host_sync(mixer):
     assert int(st.pos) == ref.pos == 10
 
 
+@pytest.mark.parametrize('mixer', ['mipt', 'attention'])
+def test_linears_cast_once_is_autocast_s_function(mixer):
+    """graphed_step captures within linears_cast: each Linear's float32 weights cast once to the autocast dtype.
+    The step computes the same logits bit for bit as autocast casting them per call; afterwards every parameter
+    is the model's own again (the head still tied to the embedding)."""
+    torch.manual_seed(0)
+    model = MIPT(small(mixer=mixer, cache_size=4 if mixer == 'mipt' else 0, block_size=32)).eval()
+    before = {n: p for n, p in model.named_parameters()}
+    prompt = torch.randint(0, 40, (2, 7))
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        _, st = model.prefill(prompt)
+        ref, _ = model.step(prompt[:, -1], st.map(torch.clone))
+        with mipt.linears_cast(model, torch.bfloat16) as cast:
+            assert model.head.weight.dtype == torch.bfloat16 and model.wte.weight.dtype == torch.float32
+            assert len(cast) == sum(isinstance(m, torch.nn.Linear) for m in model.modules()) + sum(
+                isinstance(m, torch.nn.Linear) and m.bias is not None for m in model.modules())
+            got, _ = model.step(prompt[:, -1], st.map(torch.clone))
+    assert torch.equal(got, ref)
+    assert {n: p for n, p in model.named_parameters()} == before and model.head.weight is model.wte.weight
+    with mipt.linears_cast(model, None) as cast:
+        assert cast == [] and model.head.weight.dtype == torch.float32
+
+
 def test_twin_prefill_state_holds_only_its_keys_and_values():
     """The twin's KV cache after prefill owns its memory: not views that keep the (B, T, 3D) projection alive."""
     model = MIPT(small(mixer='attention', cache_size=0, block_size=16)).eval()
