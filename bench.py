@@ -24,7 +24,7 @@ Sections
     memory  peak training memory of the paper's classification model (d=128, 2 layers) against N; MIPT also with
             recompute=True (each MIPT layer's forward replayed in backward)
     mixers  one mixer layer alone, forward and forward+backward under bf16 autocast, D=1024, 8 heads, (B, T) in
-            mixer_shapes (16,384 tokens at T = 2k, 8k, 32k, and B = 8 at each T): MIPT K=0 and K=64
+            mixer_shapes (2x8192, 8x2048, 1x32768: 16,384 tokens at 8k and 2k, one row at 32k): MIPT K=0 and K=64
             (mipt.MIPTLayer), SDPA attention (mipt.SelfAttention) and, when flash-linear-attention is installed,
             its HGRN, GLA, Mamba2 and Gated DeltaNet (peers.py; each warmed up, i.e. autotuned, per shape before
             timing). ms, tokens/s, peak GB and each layer's decoding state per sequence. Where fla refuses a
@@ -50,6 +50,10 @@ train_mixerbound_T8192_mipt_over_sdpa >= 1.5 (trainmix, with the no-mixer ceilin
 Optional peers (rows skipped when missing): flash-linear-attention for `mixers` (peers.py) and accelerated-scan
 for `scan`. Offline, from the wheels in .whl/:
     pip install --no-index --no-deps --find-links .whl fla-core flash-linear-attention accelerated-scan
+
+fla's Triton kernels autotune on their first call (GLA's for minutes on an H200), which a 10-minute slot cannot
+afford. Triton keeps each autotune result in its cache, so warm it once per machine and keep it:
+    export TRITON_CACHE_DIR=$PWD/.tcache && python bench.py --sections=mixers --out_dir=/tmp/warm && python bench.py
 
 Every section saves results/bench.json when it ends; a cell that runs out of GPU memory is recorded as 'OOM'
 and the run goes on. Timings: CUDA events after warm-up, medians, random inputs (never zeros).
