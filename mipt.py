@@ -866,6 +866,8 @@ class MIPT(nn.Module):
     def step_into(self, idx_t, state):
         """step, with the new state written into state's own tensors (what graphed_step captures: a graph
         reads and writes fixed memory). state.pos must be a tensor. Returns the logits."""
+        if not torch.is_tensor(state.pos):
+            raise ValueError("step_into advances state.pos in place: it must be a tensor (use step for an int)")
         logits, new = self.step(idx_t, state.map(lambda t: t))  # a shallow copy: step rebinds its fields
         state.copy_(new)
         return logits
@@ -903,7 +905,8 @@ class MIPT(nn.Module):
         launches). Returns a function idx_t (B,) -> (logits, state) that continues from `state`; the state it
         returns is held in static tensors, updated in place by every call (keep stepping it through the
         returned function, not through step). CUDA MIPT models with a finite cache only; dtype: the autocast
-        dtype to decode in (None: the weights' dtype), with the Linear weights cast to it once (linears_cast).
+        dtype to decode in (None: the weights' dtype), with the Linear weights cast to it once (linears_cast):
+        the graph then reads that snapshot, not later changes to the weights (decode builds a graph per call).
         compile: torch.compile the step before capturing it
         (fewer, fused kernels per token; seconds of compilation first)."""
         if self._graph_blocker():
@@ -1212,15 +1215,14 @@ def linears_cast(model, dtype):
     casts them on every call: the same rounding, so the same function. graphed_step captures within it, so that a
     replay reads these copies instead of casting every weight again each token (a third of a batch-1 step, the tied
     head's 100k x D weight above all). Yields the copies, which whoever replays the graph must keep alive."""
+    todo = [(m, name, p) for m in model.modules() if isinstance(m, nn.Linear)
+            for name, p in m._parameters.items() if p is not None and p.dtype == torch.float32]
     swapped = []
-    if dtype in (torch.bfloat16, torch.float16):
-        for m in model.modules():
-            if isinstance(m, nn.Linear):
-                for name, p in list(m._parameters.items()):
-                    if p is not None and p.dtype == torch.float32:
-                        swapped.append((m, name, p))
-                        m._parameters[name] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
-    try:
+    try:  # a cast that fails part way (out of memory) still puts back those before it
+        for m, name, p in todo if dtype in (torch.bfloat16, torch.float16) else []:
+            cast = nn.Parameter(p.detach().to(dtype), requires_grad=False)
+            swapped.append((m, name, p))
+            m._parameters[name] = cast
         yield [m._parameters[name] for m, name, _ in swapped]
     finally:
         for m, name, p in swapped:

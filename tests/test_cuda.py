@@ -3,6 +3,7 @@
 Every test skips on machines without CUDA.  Output buffers are poisoned with NaN before
 the kernels run (POISON_OUTPUTS), so an element the kernels fail to write fails the test.
 """
+import contextlib
 import math
 import os
 import sys
@@ -301,14 +302,16 @@ def test_model_uses_the_kernel_and_matches_the_torch_scan():
     assert abs(lc.item() - lb.item()) < 0.05
 
 
-def graphed_against_eager(model, prompt, n, tol, look=lambda graphed: None, compile=False):
-    """Step n greedy tokens after prompt eagerly and through model.graphed_step; the logits agree to tol.
-    Returns the final (eager, graphed) states; look(graphed state) after every step."""
-    with torch.no_grad():
+def graphed_against_eager(model, prompt, n, tol, look=lambda graphed: None, compile=False, dtype=None):
+    """Step n greedy tokens after prompt eagerly and through model.graphed_step (under autocast to dtype, if
+    given, both alike); the logits agree to tol. Returns the final (eager, graphed) states; look(graphed state)
+    after every step."""
+    amp = torch.autocast('cuda', dtype=dtype) if dtype else contextlib.nullcontext()
+    with torch.no_grad(), amp:
         _, eager = model.prefill(prompt)
         _, st = model.prefill(prompt)
         assert model.graphable()
-        step = model.graphed_step(st, compile=compile)
+        step = model.graphed_step(st, dtype, compile=compile)
         tok = prompt[:, -1]
         for _ in range(n):
             le, eager = model.step(tok, eager)
@@ -384,3 +387,23 @@ def test_compiled_graphed_step_equals_eager_step(mixer):
     plain = torch.stack([d.token for d in model.decode(prompt, 12, temperature=0)], 1)
     fused = torch.stack([d.token for d in model.decode(prompt, 12, temperature=0, compile=True)], 1)
     assert torch.equal(plain, fused)
+
+
+@pytest.mark.parametrize('mixer', ['mipt', 'attention'])
+@pytest.mark.parametrize('compile', [False, True])
+def test_bf16_graphed_step_reads_linears_cast_once(mixer, compile):
+    """graphed_step under bf16 autocast captures with every Linear's weights cast once (linears_cast): its logits
+    are eager autocast's (the same casts; compiled, to bf16 rounding), the graph keeps its bf16 copies, and the
+    model gets its own float32 parameters back, the head still tied to the embedding."""
+    torch.manual_seed(0)
+    cfg = mipt.MIPTConfig(vocab_size=97, block_size=64, n_layer=2, n_embd=64, n_head=4, mixer=mixer,
+                          cache_size=4 if mixer == 'mipt' else 0)
+    model = mipt.MIPT(cfg).to(DEV).eval()
+    before = dict(model.named_parameters())
+    prompt = torch.randint(0, 97, (2, 20), device=DEV)
+    graphed_against_eager(model, prompt, 12, 2e-2 if compile else 1e-3, compile=compile, dtype=torch.bfloat16)
+    assert dict(model.named_parameters()) == before and model.head.weight is model.wte.weight
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
+        step = model.graphed_step(model.prefill(prompt)[1], torch.bfloat16)
+    assert step.weights and all(w.dtype == torch.bfloat16 for w in step.weights)

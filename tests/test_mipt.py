@@ -503,6 +503,34 @@ def test_linears_cast_once_is_autocast_s_function(mixer):
         assert cast == [] and model.head.weight.dtype == torch.float32
 
 
+def test_linears_cast_that_fails_part_way_puts_back_what_it_swapped(monkeypatch):
+    """Out of memory on the tenth cast (the tied head, the largest, comes last): the nine before it go back."""
+    model = MIPT(small(cache_size=4)).eval()
+    before = dict(model.named_parameters())
+    made, real = [0], torch.nn.Parameter
+
+    def failing(t, requires_grad=True):
+        made[0] += 1
+        if made[0] == 10:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(t, requires_grad=requires_grad)
+    monkeypatch.setattr(torch.nn, 'Parameter', failing)
+    with pytest.raises(torch.OutOfMemoryError):
+        with mipt.linears_cast(model, torch.bfloat16):
+            pass
+    assert made[0] == 10 and dict(model.named_parameters()) == before
+    assert all(p.dtype == torch.float32 for p in model.parameters()) and model.head.weight is model.wte.weight
+
+
+def test_step_into_needs_a_tensor_position():
+    """step_into advances the position in place, which an int cannot be: refused with one line."""
+    model = MIPT(small(cache_size=4)).eval()
+    with torch.no_grad():
+        _, st = model.prefill(torch.randint(0, 40, (2, 7)))
+        with pytest.raises(ValueError, match='state.pos in place: it must be a tensor'):
+            model.step_into(torch.zeros(2, dtype=torch.long), st)
+
+
 def test_twin_prefill_state_holds_only_its_keys_and_values():
     """The twin's KV cache after prefill owns its memory: not views that keep the (B, T, 3D) projection alive."""
     model = MIPT(small(mixer='attention', cache_size=0, block_size=16)).eval()
