@@ -661,14 +661,14 @@ def targets(res):
         if _num(f):  # what a free mixer would reach at this shape
             t['train_T2048_mipt_over_sdpa_tokens_per_s']['ceiling_no_mixer_over_sdpa'] = f / a
     mem = {(r['N'], r['model']): r.get('peak_MB') for r in res.get('memory', [])}
-    def worst(name):
+    def worst_memory(name):  # (the largest peak ratio to the SDPA twin over N, its N), or None
         ratios = [(mem[(N, name)] / mem[(N, 'attention_sdpa')], N) for N, model in mem
                   if model == name and _num(mem[(N, model)]) and _num(mem.get((N, 'attention_sdpa')))]
         return max(ratios) if ratios else None
-    plain, rec = worst('mipt_K16'), worst('mipt_K16_recompute')
+    plain, rec = worst_memory('mipt_K16'), worst_memory('mipt_K16_recompute')
     if rec or plain:  # the recomputing model when measured (recompute=True); the plain one beside it
-        t['memory_mipt_over_sdpa_max'] = target((rec or plain)[0], 1.0, at_N=(rec or plain)[1],
-                                                model='mipt_K16_recompute' if rec else 'mipt_K16',
+        ratio, N = rec or plain
+        t['memory_mipt_over_sdpa_max'] = target(ratio, 1.0, at_N=N, model='mipt_K16_recompute' if rec else 'mipt_K16',
                                                 without_recompute=plain[0] if plain else None)
     dec = [r['state_MB'] for r in res.get('decode', []) if r['model'] == 'mipt_K64' and _num(r.get('state_MB'))]
     if dec:

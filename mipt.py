@@ -45,7 +45,8 @@ Glossary (code name: paper symbol, shape)
 
 Contents, top to bottom: config, scans, the MIPT recurrence, the decoding state, the causal sparse
 cache, the blocks (MIPT and its Transformer twin), the model, decoding, and appendices that load the
-fused CUDA scan (kernels.cu) and the fused cache read-out (cache_kernel.py, Triton).
+fused CUDA scan (kernels.cu) and the fused cache read-out (cache_kernel.py, Triton), and that help compile
+and capture decoding.
 """
 
 import contextlib
@@ -219,7 +220,8 @@ def recurrence_step(logit, theta, u_re, u_im, h0=None):
     and h (B, D), as mipt_recurrence."""
     dtype = torch.promote_types(logit.dtype, torch.float32)
     p = torch.sigmoid(logit.to(dtype))
-    a_re, a_im = (1 - p) * torch.cos(theta.to(dtype)), (1 - p) * torch.sin(theta.to(dtype))
+    r = 1 - p                                                                   # |a|
+    a_re, a_im = r * torch.cos(theta.to(dtype)), r * torch.sin(theta.to(dtype))
     b_re, b_im = p * u_re.to(dtype), p * u_im.to(dtype)
     if h0 is None:
         h_re, h_im = b_re, b_im
@@ -904,11 +906,11 @@ class MIPT(nn.Module):
         """step as one CUDA graph replay, for decoding on a GPU (eager batch-1 decoding is bound by kernel
         launches). Returns a function idx_t (B,) -> (logits, state) that continues from `state`; the state it
         returns is held in static tensors, updated in place by every call (keep stepping it through the
-        returned function, not through step). CUDA MIPT models with a finite cache only; dtype: the autocast
-        dtype to decode in (None: the weights' dtype), with the Linear weights cast to it once (linears_cast):
-        the graph then reads that snapshot, not later changes to the weights (decode builds a graph per call).
-        compile: torch.compile the step before capturing it
-        (fewer, fused kernels per token; seconds of compilation first)."""
+        returned function, not through step). MIPT with a finite cache, or the twin (see _graph_blocker).
+        dtype: the autocast dtype to decode in (None: the weights' dtype), with the Linear weights cast to it
+        once (linears_cast): the graph then reads that snapshot, not later changes to the weights (decode
+        builds a graph per call). compile: torch.compile the step before capturing it (fewer, fused kernels
+        per token; seconds of compilation first)."""
         if self._graph_blocker():
             raise ValueError(self._graph_blocker())
         dev = self.wte.weight.device
@@ -1209,17 +1211,37 @@ def cache_attention_fused(q, k, v, log_s, end, cand, null_k, null_v, L):
     return _cache_kernel().CacheAttention.apply(q, k, v, log_s, end, cand, null_k, null_v, L)
 
 
+# The plan's sorts and small tensors cost more in kernel launches than in work: on the fused path it is
+# compiled once per shape and replayed as a CUDA graph (COMPILE_PLAN: a torch.compile mode, or None: eager).
+COMPILE_PLAN = 'reduce-overhead'
+_PLANS = {}
+
+
+def cache_plan_compiled(s, K, tau, L, R, noise):
+    if COMPILE_PLAN is None or s.device.type != 'cuda':
+        return cache_plan(s, K, tau, L, R, noise)
+    if COMPILE_PLAN not in _PLANS:
+        _allow_recompiles()
+        _PLANS[COMPILE_PLAN] = torch.compile(cache_plan, mode=COMPILE_PLAN, dynamic=False)
+    return tuple(t.clone() for t in _PLANS[COMPILE_PLAN](s, K, tau, L, R, noise))   # graphs reuse outputs
+
+
+# -----------------------------------------------------------------------------
+# Appendix: compiling and capturing. graphed_step (and the cache's compiled plan) use these.
+
+
 @contextlib.contextmanager
 def linears_cast(model, dtype):
     """Within: every nn.Linear of model holds its float32 weight and bias cast to dtype (bf16 or fp16), as autocast
     casts them on every call: the same rounding, so the same function. graphed_step captures within it, so that a
     replay reads these copies instead of casting every weight again each token (a third of a batch-1 step, the tied
     head's 100k x D weight above all). Yields the copies, which whoever replays the graph must keep alive."""
-    todo = [(m, name, p) for m in model.modules() if isinstance(m, nn.Linear)
+    low = dtype in (torch.bfloat16, torch.float16)
+    todo = [(m, name, p) for m in model.modules() if low and isinstance(m, nn.Linear)
             for name, p in m._parameters.items() if p is not None and p.dtype == torch.float32]
     swapped = []
     try:  # a cast that fails part way (out of memory) still puts back those before it
-        for m, name, p in todo if dtype in (torch.bfloat16, torch.float16) else []:
+        for m, name, p in todo:
             cast = nn.Parameter(p.detach().to(dtype), requires_grad=False)
             swapped.append((m, name, p))
             m._parameters[name] = cast
@@ -1236,18 +1258,3 @@ def _allow_recompiles():
     cfg = torch._dynamo.config
     name = 'recompile_limit' if hasattr(cfg, 'recompile_limit') else 'cache_size_limit'
     setattr(cfg, name, max(getattr(cfg, name), 64))
-
-
-# The plan's sorts and small tensors cost more in kernel launches than in work: on the fused path it is
-# compiled once per shape and replayed as a CUDA graph (COMPILE_PLAN: a torch.compile mode, or None: eager).
-COMPILE_PLAN = 'reduce-overhead'
-_PLANS = {}
-
-
-def cache_plan_compiled(s, K, tau, L, R, noise):
-    if COMPILE_PLAN is None or s.device.type != 'cuda':
-        return cache_plan(s, K, tau, L, R, noise)
-    if COMPILE_PLAN not in _PLANS:
-        _allow_recompiles()
-        _PLANS[COMPILE_PLAN] = torch.compile(cache_plan, mode=COMPILE_PLAN, dynamic=False)
-    return tuple(t.clone() for t in _PLANS[COMPILE_PLAN](s, K, tau, L, R, noise))   # graphs reuse outputs
