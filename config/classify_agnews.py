@@ -1,5 +1,5 @@
 """
-AG News 4-class topic classification (PAPER.md: MIPT 0.905 with 248K non-embedding parameters, Transformer
+AG News 4-class topic classification (the paper: MIPT 0.905 with 248K non-embedding parameters, Transformer
 0.736 with 422K). cl100k_base tokens, N=512. MIPT: 1 layer, d=128 (282K non-embedding parameters with
 this code's layer), K=16. Transformer twin: same embedding, FFN, head.
 

@@ -1,5 +1,5 @@
 """
-Needle in a haystack (PAPER.md section 3, the paper's demo): N=512 tokens over a vocabulary of 300,
+Needle in a haystack (the paper's section 3, its demo): N=512 tokens over a vocabulary of 300,
 noise ids 200..299, one needle (4 classes x 5 ids, 10..29) in the first 10% of the sequence; the label
 is its class. 5,000 train / 1,000 val / 1,000 test sequences, a 'classify' dataset of equal-length
 documents made by data/needle/prepare.py (run it first).
@@ -30,7 +30,7 @@ n_head = 4
 dropout = 0.0
 cache_size = 16
 cache_explore = 128    # R: random earlier positions each query also attends to in training (the selection
-                       # signal; 128 scored 0.996-1.000 on the paper's demo model, issue #9)
+                       # signal; 128 scored 0.996-1.000 on the paper's demo model)
 
 batch_size = 128
 max_epochs = 15        # 5000 // 128 = 39 iterations per epoch

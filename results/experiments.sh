@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The GPU runs behind the README's results table, several at once on one GPU (small models leave it
-# idle otherwise). Every run is `python train.py <config> --key=value ...`; results/collect.py gathers
-# their metrics.json files. Usage: [ONLY=REGEX] bash results/experiments.sh OUT_ROOT [JOBS] [SET: a (default) | b ... g]
-# Sets a-g ran at their commits (see the README); since the needle became a dataset (data/needle/prepare.py)
-# their needle_* keys are gone: results/recall.sh holds the needle runs after the selection signal.
+# The H100 runs behind RESULTS.md's classification and language-model tables, several at once on one GPU
+# (small models leave it idle otherwise). Every run is `python train.py <config> --key=value ...`;
+# results/collect.py gathers their metrics.json files into results/runs_h100*.json.
+# Usage: [ONLY=REGEX] bash results/experiments.sh OUT_ROOT [JOBS] [SET: a (default) | b ... g]
+# Sets a-g ran at earlier commits (sets c-g record 6584c39 in their git_commit); since the needle became a
+# dataset (data/needle/prepare.py) their needle_* keys are gone: results/recall.sh holds the needle runs after
+# the selection signal.
 set -u
 root=${1:-runs}; jobs=${2:-6}; set=${3:-a}; PY=${PY:-python}
 mkdir -p "$root"

@@ -1,5 +1,5 @@
 """
-The measurement rate at work (PAPER.md, the paper's section 6): for one trained MIPT checkpoint, the
+The measurement rate at work (the paper's section 6): for one trained MIPT checkpoint, the
 mean score s_t = mean_d p_t per layer, and the fraction of tokens in the particle phase (s_t > 0.5) as
 the sequence length N grows, overall and by quarter of the sequence.
 

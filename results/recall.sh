@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# This turn's recall runs (issues #9 and #10), several at once on one GPU. Every run is
+# The recall and MQAR runs on an H200, several at once on one GPU. Every run is
 # `python train.py <config> --key=value ...` and writes RUNS/<name>/metrics.json with its command in
 # RUNS/<name>/command.txt; results/collect.py gathers them, results/summarize.py reads the gathered files.
 #   usage: [ONLY=REGEX] bash results/recall.sh RUNS [JOBS] SET
@@ -9,7 +9,7 @@
 #   SET lm     : the language models with and without the signal (shakespeare_char baby GPT; IMDB LM at
 #                1000 iterations, K=64)
 #   SET mqar   : MQAR (Zoology), d_model 128, 2 layers, at each (L, N) of SIZES: MIPT K=0/N/2N, the twin, and the
-#                flash-linear-attention peers (shrunk budget: MINUTES of wall time, EPOCHS, one lr per LRS; README)
+#                flash-linear-attention peers (shrunk budget: MINUTES of wall time, EPOCHS, one lr per LRS; RESULTS.md, MQAR)
 # The data: python data/needle/prepare.py; python data/needle/prepare.py --seq_len 2048 --span 0.0 1.0
 # --out_dir data/needle2048; python data/mqar/prepare.py; python data/{shakespeare_char,imdb}/prepare.py
 set -u

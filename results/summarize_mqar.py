@@ -1,5 +1,5 @@
-"""MQAR (issue #10) from the H200 runs of `results/recall.sh RUNS JOBS mqar`, into results/mqar.json and the MQAR
-keys of results/summary.json (other keys are kept). python results/summarize_mqar.py
+"""MQAR from the H200 runs of `results/recall.sh RUNS JOBS mqar`, into results/mqar.json and the module-level
+`targets` that results/summarize.py merges into results/summary.json.
 
 Source: results/raw/mqar/<run>/{metrics.json, command.txt, stdout_tail.txt}, one folder per run (a run with no
 metrics.json failed; its stdout's last line says why). For each (L, N) and model, the learning rate is chosen
@@ -11,6 +11,9 @@ import json
 import os
 import re
 import sys
+from dataclasses import fields
+
+from summarize import target
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(here))
@@ -40,7 +43,7 @@ def state_bytes(m, L):
         return peers.state_bytes(m['peer'], D, H)
     if cfg['mixer'] == 'attention':
         return 2 * L * D * 4
-    model = MIPT(MIPTConfig(**{**cfg, 'scan_impl': 'torch'}))
+    model = MIPT(MIPTConfig(**{k: v for k, v in cfg.items() if k in {f.name for f in fields(MIPTConfig)}}))
     return MIPT.state_bytes(model.init_state(1)) // cfg['n_layer']
 
 
@@ -91,16 +94,10 @@ with open(os.path.join(here, 'mqar.json'), 'w') as f:
     json.dump(out, f, indent=1)
 
 
-def target(measured, goal, met, source, note=''):
-    return {'measured': measured, 'goal': goal, 'met': met, 'source': source, 'note': note}
-
-
 t512 = table.get('512x64', {})
 mipt = t512.get('K64', {}).get('test')
 peer_scores = {p: t512[p]['test'] for p in PEERS if p in t512 and t512[p].get('test') is not None}
-path = os.path.join(here, 'summary.json')
-summary = json.load(open(path))
-t = summary['targets']
+t = targets = {}
 if mipt is not None:
     t['mqar_512x64_d128_mipt_acc'] = target(mipt, 0.99, mipt >= 0.99, 'results/mqar.json',
                                             f"K=64 (=N), shrunk budget ({t512['K64']['epochs']} epochs, "
@@ -115,8 +112,6 @@ if mipt is not None and peer_scores:
         ', '.join(f"{p} {t512[p].get('epochs')}" for p in peer_scores) +
         " (on the H200 image fla refuses the gated backward, so peers.py trains Gated DeltaNet and Mamba2 "
         "through slower exact substitutes)" + (f"; not measured: {', '.join(missing)}" if missing else ''))
-with open(path, 'w') as f:
-    json.dump(summary, f, indent=1)
 for size in table:
     print(f"== {size}")
     for model, r in table[size].items():

@@ -1,6 +1,7 @@
-"""This turn's recall results (issue #9, and the long-context part of #10) from the H200 runs of
-results/recall.sh, into results/needle_recall.json, results/needle_long.json, results/lm_signal.json, and the
-recall keys of results/summary.json (the other keys are kept). python results/summarize_recall.py
+"""The needle with the selection signal, the needle anywhere in 2048 tokens and the language models with the
+signal, from the H200 runs of results/recall.sh (sets needle, long, lm), into results/needle_recall.json,
+results/needle_long.json, results/lm_signal.json and the module-level `targets` that results/summarize.py
+merges into results/summary.json.
 
 Sources, in results/raw/: h200_call1_runs.json (collect.py of the first call's finished runs),
 h200_call2_summary.txt (what the second call printed for every run: its metrics.json files did not come
@@ -12,6 +13,8 @@ import json
 import os
 import re
 import statistics
+
+from summarize import target
 
 here = os.path.dirname(os.path.abspath(__file__))
 raw = os.path.join(here, 'raw')
@@ -48,6 +51,7 @@ def group(prefix, seeds=(1, 2, 3)):
     fills = [r['cache_fill'][0] for r in rs.values() if r['cache_fill']]
     return {'seeds': {s: {k: r[k] for k in ('val', 'best_iter', 'test', 'cache_fill', 'source')} for s, r in rs.items()},
             'val_mean': mean(r['val'] for r in rs.values()), 'test_mean': mean(r['test'] for r in rs.values()),
+            'test_seeds': [s for s, r in rs.items() if r['test'] is not None],
             'test_min': min((r['test'] for r in rs.values() if r['test'] is not None), default=None),
             'cached_tokens_mean': mean(fills)}
 
@@ -113,13 +117,7 @@ with open(os.path.join(here, 'lm_signal.json'), 'w') as f:
     json.dump({'command': 'bash results/recall.sh RUNS 3 lm', 'runs': lm}, f, indent=1)
 
 
-def target(measured, goal, met, source, note=''):
-    return {'measured': measured, 'goal': goal, 'met': met, 'source': source, 'note': note}
-
-
-path = os.path.join(here, 'summary.json')
-summary = json.load(open(path))
-t = summary['targets']
+t = targets = {}
 k4 = out['K4_selected_on_val']
 unb = out['unbounded_selected_on_val']
 m0 = out['mean_readout']['K0']
@@ -143,7 +141,7 @@ t['needle2048_anywhere_acc'] = target(nm['test_mean'], 0.99, nm['test_mean'] >= 
 t['needle_anywhere_train2k_test32k_acc'] = target(mean(at32k), 0.99, mean(at32k) >= 0.99, 'results/needle_long.json',
                                                   'trained at 2048, tested at 32768 (300 sequences); the decoding state '
                                                   'is 4,804 bytes at every N')
-# the previous protocol's keys, with this turn's figures
+# the keys of the protocol before the selection signal, with the figures after it
 t['needle_K4_test_acc'] = target(k4['test_mean'], 0.968, k4['test_mean'] >= 0.968, 'results/needle_recall.json',
                                  f"R={k4['R']} (chosen on val), mean over 3 seeds, last-token read-out; before the "
                                  "selection signal: 0.520")
@@ -156,9 +154,5 @@ t['shakespeare_char_mipt_val_loss'] = target(sh, 1.4697, sh <= 1.4697, 'results/
                                              'K=16 with the selection signal (cache_explore=64); without it: 1.399 '
                                              '(results/shakespeare_char.json); our val split is the 5% after nanoGPT\'s '
                                              'train split')
-with open(path, 'w') as f:
-    json.dump(summary, f, indent=1)
-for k in ('needle_recall_K4_min_acc', 'needle_recall_unbounded_acc', 'needle_recall_unbounded_tokens_per_512',
-          'needle_paper_readout_K0_acc', 'needle2048_anywhere_acc', 'needle_anywhere_train2k_test32k_acc',
-          'shakespeare_char_mipt_val_loss'):
+for k in targets:
     print(f"{k}: {t[k]['measured']} (goal {t[k]['goal']}, met {t[k]['met']}) {t[k]['note']}")
