@@ -5,6 +5,7 @@ The one place mipt checkpoints are read and written (train.py, sample.py, result
     checkpoint.save(path, {'format': checkpoint.CKPT_FORMAT, 'model': ..., 'model_args': ..., ...})
     ck = checkpoint.load(path)                  # a dict with ck['format'] == CKPT_FORMAT, else exit 1
     model = checkpoint.build_model(ck, device)  # MIPT(MIPTConfig(**ck['model_args'])) + ck['peer'] + weights
+    model = checkpoint.build_model(ck, device, path, how={'cache_impl': 'torch'})  # this run's "how" fields
 
 A checkpoint is a plain dict read with torch.load(weights_only=True): tensors, numbers, strings, lists,
 dicts, never pickled code. Writes go to path + '.tmp' and are renamed, so a crash or a full disk never
@@ -22,6 +23,9 @@ import torch
 
 CKPT_FORMAT = 'mipt-ckpt-1'
 DEBUG = False
+# MIPTConfig fields that say how a model computes, not what: they belong to the run that loads a checkpoint
+# (its flags), never to the checkpoint, which records the ones its own run used
+HOW = ('scan_impl', 'cache_impl', 'recompute')
 
 
 def die(msg, code=1):
@@ -85,16 +89,16 @@ def load(path):
     return ck
 
 
-def build_model(ck, device='cpu', path='the checkpoint'):
+def build_model(ck, device='cpu', path='the checkpoint', how=None):
     """MIPT(MIPTConfig(**ck['model_args'])), its mixers swapped for ck['peer'] if set (peers.py), with the
-    weights ck['model'] if present (else freshly initialised), on `device`. A config or weights that do not
-    fit this mipt.py die with one line."""
+    weights ck['model'] if present (else freshly initialised), on `device`. The HOW fields come from `how`
+    (the loading run's settings; those it does not give: MIPTConfig's defaults), never from ck. A config or
+    weights that do not fit this mipt.py die with one line naming the file."""
     from mipt import MIPT, MIPTConfig
     if not isinstance(ck.get('model_args'), dict):
         die(f"{path}: it has no model config (model_args): not a checkpoint that train.py wrote")
-    args = dict(ck['model_args'])
-    if args.get('cache_impl') == 'triton':  # how, not what: a run trained with the kernel forced loads anywhere
-        args['cache_impl'] = 'auto'
+    args = {k: v for k, v in ck['model_args'].items() if k not in HOW}
+    args.update(how or {})
     try:
         model = MIPT(MIPTConfig(**args))
     except (TypeError, ValueError) as e:
@@ -108,8 +112,26 @@ def build_model(ck, device='cpu', path='the checkpoint'):
             die(f"{path}: the peer {ck['peer']!r} needs peers.py, which is missing")
         use_peer(model, ck['peer'])
     if ck.get('model') is not None:
+        if not isinstance(ck['model'], dict):
+            die(f"{path}: its weights ('model') are a {type(ck['model']).__name__}, not a state dict")
+        misfit = weights_misfit(model.state_dict(), ck['model'])
+        if misfit:
+            die(f"{path}: its weights do not fit its model config ({misfit})")
         try:
             model.load_state_dict(ck['model'])
-        except RuntimeError as e:
-            die(f"{path}: its weights do not fit this mipt.py: {str(e).strip().splitlines()[0]}")
+        except (RuntimeError, TypeError, AttributeError) as e:
+            die(f"{path}: its weights do not fit its model config: {str(e).strip().splitlines()[0]}")
     return model.to(device)
+
+
+def weights_misfit(want, got):
+    """'' when the state dict `got` fits the model's `want`, else what does not fit: the first missing key,
+    unexpected key, or key of another shape, with the sizes (and how many more there are)."""
+    size = lambda t: tuple(getattr(t, 'shape', ()))
+    missing = [k for k in want if k not in got]
+    extra = [k for k in got if k not in want]
+    shapes = [k for k in want if k in got and size(got[k]) != size(want[k])]
+    found = ([f"{k}: the checkpoint holds {size(got[k])}, the config needs {size(want[k])}" for k in shapes] +
+             [f"{k}: missing, the config needs {size(want[k])}" for k in missing] +
+             [f"{k}: not in the config, the checkpoint holds {size(got[k])}" for k in extra])
+    return found[0] + (f"; and {len(found) - 1} more" if len(found) > 1 else '') if found else ''

@@ -16,11 +16,14 @@ among files, and among flags, the later one wins.
 
 Values are parsed with ast.literal_eval (so 3e-4, (0.0, 0.1), None, True/False work); a value that
 is not a Python literal is kept as a string when the default is a string (--dataset=imdb).
-Unknown keys, values of the wrong type, and a config file that cannot be read, does not parse or raises
-stop the script with a one-line message (exit status 2).
+A config file is Python, executed as it is read (also for --help): run only files you trust.
+Unknown keys, values of the wrong type, a flag without `=value` and a config file that cannot be read, does
+not parse or raises stop the script with one line, `error: ...` (exit status 2).
 --help (or -h) prints every key with its value (after any config file / overrides) and exits 0.
 """
 import ast
+import difflib
+import os
 import sys
 import traceback
 
@@ -33,8 +36,14 @@ def config_keys(g):
 
 
 def _fail(msg):
-    print(f"config error: {msg}", file=sys.stderr)
+    print(f"error: {msg}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+def _unknown(k, where, valid):
+    near = difflib.get_close_matches(k, valid, n=1)
+    _fail(f"unknown key {k!r} {where}" + (f": did you mean {near[0]!r}?" if near else '') +
+          " (--help lists every key)")
 
 
 def _coerce(key, value, default, origin):
@@ -84,6 +93,8 @@ def _usage(g, keys, doc):
         lines.append(doc.strip())
         lines.append('')
     lines.append('usage: python %s [config_file.py ...] [--key=value ...]' % sys.argv[0])
+    lines.append('A config file is Python, executed as it is read (also with --help): run only files you trust. '
+                 'Flags win over files.')
     lines.append('')
     lines.append('keys (current values):')
     width = max(len(k) for k in keys)
@@ -112,32 +123,51 @@ def _exec_config(path):
     return {k: v for k, v in ns.items() if not k.startswith('_') and isinstance(v, _SIMPLE)}
 
 
-def configure(g, keys=None, argv=None, doc=None):
+def _print_help(text):
+    """Print --help's text; a reader that stops early (`| head`) ends it quietly."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+
+
+def configure(g, keys=None, argv=None, doc=None, origins=None):
     """Apply config files and --key=value overrides to the globals dict `g`.
 
-    keys: names that may be overridden (default: config_keys(g)). Returns {key: final value}.
+    keys: names that may be overridden (default: config_keys(g)). origins: a dict, if given, filled with
+    {key: where its value came from}: the config file's path, or the flag (`--key=value`). Returns
+    {key: final value}.
     """
     keys = list(keys) if keys is not None else config_keys(g)
     argv = sys.argv[1:] if argv is None else argv
     valid = set(keys)
-    hint = "valid keys: " + ', '.join(sorted(keys))
+    origins = {} if origins is None else origins
     want_help = any(a in ('-h', '--help') for a in argv)
     args = [a for a in argv if a not in ('-h', '--help')]
-    for arg in [a for a in args if not a.startswith('--')]:  # config files first, then flags (which win)
-        for k, v in _exec_config(arg).items():
-            if k not in valid:
-                _fail(f"unknown key {k!r} in config file {arg}\n{hint}")
-            g[k] = _coerce(k, v, g[k], arg)
-    for arg in [a for a in args if a.startswith('--')]:
+    flags = []
+    for i, arg in enumerate(args):  # every flag's syntax first: `--batch_size 8` must not run a file named 8
+        if not arg.startswith('--'):
+            continue
         body = arg[2:]
         if '=' not in body:
-            _fail(f"expected --key=value, got {arg!r}\n{hint}")
+            nxt = args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith('--') else None
+            _fail(f"{arg} needs a value: write {arg}={nxt if nxt is not None else '<value>'} "
+                  f"(flags are --key=value, without a space)")
         k, raw = body.split('=', 1)
         k = k.replace('-', '_') if k not in valid else k
         if k not in valid:
-            _fail(f"unknown key {k!r} (from {arg!r})\n{hint}")
+            _unknown(k, f"(from {arg!r})", keys)
+        flags.append((arg, k, raw))
+    for arg in [a for a in args if not a.startswith('--')]:  # config files first, then flags (which win)
+        for k, v in _exec_config(arg).items():
+            if k not in valid:
+                _unknown(k, f"in config file {arg}", keys)
+            g[k] = _coerce(k, v, g[k], arg)
+            origins[k] = arg
+    for arg, k, raw in flags:
         g[k] = _coerce(k, _parse_value(raw, g[k]), g[k], arg)
+        origins[k] = arg
     if want_help:  # after the overrides, so that `script.py config/x.py --help` shows that config
-        print(_usage(g, keys, doc))
+        _print_help(_usage(g, keys, doc))
         sys.exit(0)
     return {k: g[k] for k in keys}

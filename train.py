@@ -70,14 +70,8 @@ max_epochs = 0               # classify/seq: > 0 sets max_iters to max_epochs pa
 stop_at = 0.0                # classify/seq: end training (then test) once val accuracy reaches this; 0 = off
 max_minutes = 0.0            # > 0: training ends (eval, best checkpoint, test) after this many minutes of this process
 vocab_multiple = 1           # lm/seq: pad the vocabulary up to a multiple of this (64: 100277 -> 100288)
-# model: every MIPTConfig field is a key (vocab_size and n_classes come from the data); those not set
-# here (bias, attn_impl, cache_tau, cache_chunk, scan_impl, p_init, readout, ...) default to MIPTConfig's
-n_layer = 4
-n_head = 4
-n_embd = 128
-dropout = 0.0
-mixer = 'mipt'               # 'mipt' | 'attention' (the Transformer twin; it needs cache_size 0 or default)
-cache_size = 16              # K: 0 = no cache, -1 = unbounded
+# model: every MIPTConfig field is a key, with MIPTConfig's default (vocab_size and n_classes come from
+# the data; block_size is set above); mixer='attention' is the Transformer twin
 peer = ''                    # '' | 'gla' | 'gated_deltanet' | 'mamba2' | 'hgrn': an fla layer as every block's mixer
 # optimizer: AdamW (weight_decay=0.0 is Adam)
 learning_rate = 2e-3
@@ -281,7 +275,7 @@ if init_from == 'resume':
         die(f"cannot resume {last_path}: it was trained on dataset {was.get('name')!r}, and {data_dir} holds other "
             f"data ({', '.join(differ)} differ): point --dataset/--data_dir at the run's data, or use another "
             f"--out_dir", 2)
-    how = ('scan_impl', 'cache_impl', 'recompute')  # how it computes, not what: this run's flags
+    how = checkpoint.HOW  # how it computes, not what: this run's flags
     changed = {k: (v, model_args.get(k)) for k, v in ck['model_args'].items()
                if k not in how and model_args.get(k, v) != v}
     if ck.get('peer', '') != peer:
@@ -296,6 +290,11 @@ except (TypeError, ValueError) as e:
     die(f"invalid model config: {e}", 2)
 if model_config.scan_impl == 'cuda' and device_type != 'cuda':
     die(f"scan_impl='cuda' needs a CUDA device, and this run is on {device}: use --scan_impl=auto or torch", 2)
+if model_config.cache_impl == 'triton' and model_config.mixer == 'mipt' and model_config.cache_size != 0:
+    import cache_kernel
+    if not cache_kernel.available(torch.device(device)):
+        die(f"cache_impl='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 on the CPU), and this run is "
+            f"on {device}{'' if cache_kernel.triton else ' without Triton'}: use --cache_impl=auto or torch", 2)
 if peer:  # peers.py: flash-linear-attention layers (Triton, CUDA only) as every block's mixer
     import peers
     if peer not in peers.PEERS or model_config.mixer != 'mipt' or device_type != 'cuda':
@@ -343,7 +342,7 @@ if ck is not None and (ck['iter_num'] >= max_iters or ck.get('reached')) and os.
 # -----------------------------------------------------------------------------
 # model, optimizer, and the state an exact resume needs
 model = raw_model = checkpoint.build_model({'model_args': model_args, 'peer': peer, 'model': ck and ck['model']},
-                                           device, last_path)
+                                           device, last_path, how={k: model_args[k] for k in checkpoint.HOW})
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if compile:
