@@ -105,7 +105,7 @@ targets = {
                                  f"1 epoch instead of 10 (GPU time); Transformer {bytes4096['attn']['test_acc']['mean']:.4f}"),
     'lm_ppl_gap_K64': target(gap, 0.018, gap is not None and gap <= 0.018, 'results/lm_imdb.json' if gap is not None else None,
                              'IMDB as LM, ~32M parameters, test perplexity of MIPT K=64 over the Transformer twin\'s, '
-                             f'minus 1, after {its} iterations (500 iterations: {gap500})' if gap is not None else 'not run'),
+                             f'minus 1, after {its} iterations (500 iterations: {gap500:.3f})' if gap is not None else 'not run'),
 }
 for k, v in targets.items():
     print(k, v['measured'], v['goal'], v['met'], v['note'])

@@ -101,7 +101,7 @@ t = targets = {}
 if mipt is not None:
     t['mqar_512x64_d128_mipt_acc'] = target(mipt, 0.99, mipt >= 0.99, 'results/mqar.json',
                                             f"K=64 (=N), shrunk budget ({t512['K64']['epochs']} epochs, "
-                                            f"{t512['K64']['stopped']}); attention twin {t512.get('attn', {}).get('test')}")
+                                            f"{t512['K64']['stopped']}); attention twin {t512.get('attn', {}).get('test', 0):.3f}")
 if mipt is not None and peer_scores:
     best = max(peer_scores, key=peer_scores.get)
     missing = [p for p in PEERS if p not in peer_scores]
