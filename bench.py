@@ -6,10 +6,10 @@ Benchmarks on one GPU, in one process. Writes results/bench.json and results/ben
     python bench.py --quick=True             # one shape per section, a smoke test (writes to out-bench-quick/)
     python bench.py --trainmix_compile=True  # trainmix with every block torch.compile'd, in both models alike
 
-Options (--key=value): sections, out_dir, reps, quick, budget_s, trainmix_compile, mixer_shapes, mixer_peers,
-batchdecode_batch, batchdecode_context, decode_tokens_n, trainmix_T. budget_s (default 520): a cell that would
-start later than this many seconds into the run is skipped and marked 'skipped' (0 = no limit), so that the run
-ends, saves and prints its tables inside a 10-minute slot.
+Options (--key=value, read as train.py reads its own; --help lists them): sections, out_dir, reps, quick, budget_s,
+trainmix_compile, mixer_shapes, mixer_peers, batchdecode_batch, batchdecode_context, decode_tokens_n, trainmix_T.
+budget_s (default 520): a cell that would start later than this many seconds into the run is skipped and marked
+'skipped' (0 = no limit), so that the run ends, saves and prints its tables inside a 10-minute slot.
 
 Sections
     copy    device-to-device copy bandwidth: the memory ceiling every byte floor below divides by
@@ -20,7 +20,7 @@ Sections
             the naive-attention twin, ~31M parameters with cl100k_base, tokens/s and peak memory; also the
             twin with no mixer at all (embedding, FFNs, head), the floor under any mixer's step
     decode  batch-1 decoding after 1k and 64k tokens of context: tokens/s and memory (MIPT eager and
-            through one CUDA graph per token, model.graphed_step)
+            through one CUDA graph per token, engine.graphed_step)
     memory  peak training memory of the paper's classification model (d=128, 2 layers) against N; MIPT also with
             recompute=True (each MIPT layer's forward replayed in backward)
     mixers  one mixer layer alone, forward and forward+backward under bf16 autocast, D=1024, 8 heads, (B, T) in
@@ -31,8 +31,8 @@ Sections
             peer's backward (Hopper with Triton < 3.7.1: Mamba2, Gated DeltaNet), its row is skipped with a note
     batchdecode  decoding tokens/s at batch 1, 16, 128 after 8k and 64k tokens of context, the LM of `decode`:
             MIPT K=64 against the Transformer twin (a KV cache preallocated to its block size), both through one
-            CUDA graph per token (model.decode), and at batch 1 both again with the step compiled before capture
-            (decode(compile=True)). One random context is given to every row and prefilled at that batch:
+            CUDA graph per token (engine.decode), and at batch 1 both again with the step compiled before capture
+            (engine.decode(compile=True)). One random context is given to every row and prefilled at that batch:
             decoding costs the same whatever the rows hold. A twin whose KV cache would pass 100 GB is skipped
             unallocated
     trainmix  the train step where the mixer dominates: D=1024, 8 layers, 8 heads, an 8,192-word vocabulary,
@@ -59,7 +59,6 @@ Every section saves results/bench.json when it ends; a cell that runs out of GPU
 and the run goes on. Timings: CUDA events after warm-up, medians, random inputs (never zeros).
 """
 
-import ast
 import gc
 import json
 import math
@@ -72,7 +71,9 @@ from datetime import datetime, timezone
 
 import torch
 
+import engine
 import mipt
+from configurator import configure
 from mipt import MIPT, MIPTConfig
 
 # -----------------------------------------------------------------------------
@@ -89,7 +90,7 @@ MEMORY_N = [512, 1024, 2048, 4096, 8192, 16384]
 MEMORY_BATCH = 8
 MIXER_D = 1024
 MIXER_HEADS = 8
-mixer_shapes = '2x8192,8x2048,1x32768'  # BxT, the issue's T = 8192, 2048, 32768; 2x8192 first (a target needs it)
+mixer_shapes = '2x8192,8x2048,1x32768'  # BxT: T = 8192, 2048, 32768; 2x8192 first (a target needs it)
 mixer_peers = 'hgrn,gla,mamba2,gated_deltanet'         # fla peers (peers.py), when installed
 batchdecode_batch = '1,16,128'
 batchdecode_context = '8192,65536'
@@ -105,27 +106,12 @@ OPTIONS = ('sections', 'out_dir', 'reps', 'quick', 'budget_s', 'trainmix_compile
 # -----------------------------------------------------------------------------
 
 
-def parse_args(argv):
-    """--key=value overrides of the options above (bools take True/False/1/0)."""
+def parse_args(argv=None):
+    """The options above from config files and --key=value flags (configurator.configure: one line and exit 2 on a
+    bad one; bools take True/False); --quick=True then shrinks every option it was not given."""
     g = globals()
-    given = set()
-    for arg in argv:
-        key, _, val = arg.lstrip('-').partition('=')
-        if key not in OPTIONS or not _:
-            raise SystemExit(f"bench.py: unknown option {arg!r}; options: {', '.join(OPTIONS)} (as --key=value)")
-        old = g[key]
-        if isinstance(old, bool):
-            if val.lower() not in ('true', 'false', '1', '0'):
-                raise SystemExit(f"bench.py: --{key} takes True or False, got {val!r}")
-            g[key] = val.lower() in ('true', '1')
-        elif isinstance(old, (list, tuple)):
-            g[key] = type(old)(ast.literal_eval(val))
-        else:
-            try:
-                g[key] = type(old)(val)
-            except ValueError:
-                raise SystemExit(f"bench.py: --{key} takes a {type(old).__name__}, got {val!r}")
-        given.add(key)
+    defaults = {k: g[k] for k in OPTIONS}
+    configure(g, OPTIONS, argv, doc=__doc__)
     unknown = [s for s in g['sections'].split(',') if s not in SECTIONS]
     if unknown:
         raise SystemExit(f"bench.py: unknown section(s) {', '.join(unknown)}; sections: {', '.join(SECTIONS)}")
@@ -134,7 +120,7 @@ def parse_args(argv):
         for key, val in [('reps', 5), ('out_dir', 'out-bench-quick'), ('mixer_shapes', '2x8192'),
                          ('batchdecode_batch', '16'), ('batchdecode_context', '8192'), ('trainmix_T', '8192'),
                          ('decode_tokens_n', 16)]:
-            if key not in given:
+            if g[key] == defaults[key]:
                 g[key] = val
 
 
@@ -414,15 +400,16 @@ def bench_trainmix():
 
 
 def decode_tokens(model, prompt, n, batch=1, graph=True, compile=False):
-    """n greedy tokens per row after prompt (1, T), copied to `batch` rows, through model.decode (the model's one
-    decoding loop: a parallel prefill, then one step per token, replayed as a CUDA graph when graph and the model
-    allows it, compiled first when compile) under bf16 autocast. Returns (tokens (batch, n), seconds for n steps at
+    """n greedy tokens per row after prompt (1, T), copied to `batch` rows, through engine.decode (the one decoding
+    loop: a parallel prefill, then one step per token, replayed as a CUDA graph when graph and the model allows
+    it, compiled first when compile) under bf16 autocast. Returns (tokens (batch, n), seconds for n steps at
     the rate of the timed ones, decoding state bytes): the clock runs over the last n - 2 steps, after prefill,
     graph capture and two steps."""
     assert n >= 3, 'time at least one step after the first two'
     out, t0 = [], None
     with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
-        steps = model.decode(prompt.expand(batch, -1), n, temperature=0, want_s=True, graph=graph, compile=compile)
+        steps = engine.decode(model, prompt.expand(batch, -1), n, temperature=0, want_s=True, graph=graph,
+                              compile=compile)
         for i, d in enumerate(steps):
             out.append(d.token)
             if i == 1:
@@ -454,7 +441,7 @@ def bench_decode():
 def bench_batchdecode():
     """Decoding tokens/s against batch and context, the LM of bench_decode: MIPT K=64 against the Transformer twin
     (its KV cache preallocated to its block size), both through one CUDA graph per token; at batch 1 also with
-    the step compiled before capture (model.decode(compile=True)), for both alike."""
+    the step compiled before capture (engine.decode(compile=True)), for both alike."""
     rows = section_rows()
     n = decode_tokens_n
     for ctx in ints(batchdecode_context):
@@ -477,7 +464,7 @@ def bench_batchdecode():
                 def run():
                     model = MIPT(cfg).cuda().eval()
                     prompt = torch.randint(0, 100277, (1, ctx), device='cuda')
-                    row['graphed'] = bool(getattr(model, 'graphable', lambda: False)())
+                    row['graphed'] = engine.graphable(model)
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                     _, secs, nbytes = decode_tokens(model, prompt, n, batch=B, graph=True, compile=compiled)
@@ -638,8 +625,9 @@ def bench_memory():
 
 
 def target(measured, goal, higher_is_better=False, **extra):
-    met = measured >= goal if higher_is_better else measured <= goal
-    return {'measured': measured, 'goal': goal, 'met': bool(met), **extra}
+    """One target: met is computed from measured alone (None when nothing was measured)."""
+    met = None if measured is None else bool(measured >= goal if higher_is_better else measured <= goal)
+    return {'measured': measured, 'goal': goal, 'met': met, **extra}
 
 
 def _num(v):
@@ -695,8 +683,7 @@ def targets(res):
         if _num(a.get('tokens_per_s')):
             t['decode_B128_64k_mipt_over_attention'] = target(m['tokens_per_s'] / a['tokens_per_s'], 5.0, True)
         elif a.get('tokens_per_s') in ('OOM', 'skipped') and a.get('note', '') != 'time budget':
-            t['decode_B128_64k_mipt_over_attention'] = {'measured': None, 'goal': 5.0, 'met': True,
-                                                        'note': f"attention {a['tokens_per_s']}"}
+            t['decode_B128_64k_mipt_over_attention'] = target(None, 5.0, True, note=f"attention {a['tokens_per_s']}")
             m16, a16 = bd.get((65536, 16, 'mipt_K64_graph'), {}), bd.get((65536, 16, 'attention_sdpa'), {})
             if _num(m16.get('tokens_per_s')) and _num(a16.get('tokens_per_s')):  # the largest batch both ran
                 t['decode_B128_64k_mipt_over_attention']['at_B16'] = m16['tokens_per_s'] / a16['tokens_per_s']
@@ -804,7 +791,8 @@ def summary(res):
         out += ['targets', f"{'target':<{w}}  {'measured':>10}  {'goal':>6}  met"]
         for k, v in res['targets'].items():
             extra = ', '.join(f'{a}={fmt(b)}' for a, b in v.items() if a not in ('measured', 'goal', 'met'))
-            out.append(f"{k:<{w}}  {fmt(v['measured']):>10}  {v['goal']:>6}  {'yes' if v['met'] else 'NO'}"
+            met = {True: 'yes', False: 'NO'}.get(v['met'], '—')
+            out.append(f"{k:<{w}}  {fmt(v['measured']):>10}  {v['goal']:>6}  {met}"
                        + (f'  ({extra})' if extra else ''))
     errors = [(sec, r) for sec in SECTIONS[1:] for r in res.get(sec, []) if 'error' in r]
     if errors:
@@ -815,7 +803,7 @@ def summary(res):
 
 
 def main(argv=None):
-    parse_args(sys.argv[1:] if argv is None else argv)
+    parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit('bench.py needs a CUDA GPU')
     global _T0, _RES, _SECTION

@@ -16,8 +16,9 @@ plain stores; the carried ones, which sit in several chunks' lists, with atomic 
 
 Triton runs on the GPU; with TRITON_INTERPRET=1 set before import it also runs on the CPU (slowly, and
 in float32 only: the interpreter's bf16 dots are wrong), which is how the CPU tests check it. Without
-Triton, `available()` is False and mipt.py uses the reference. On the GPU, float32 inputs go through
-tf32 dots (about 1e-3 relative to the reference); under bf16 autocast, bf16 dots with fp32 accumulation.
+Triton, `available()` is False and kernels.py runs mipt.py's reference instead. On the GPU, float32
+inputs go through tf32 dots (about 1e-3 relative to the reference); under bf16 autocast, bf16 dots with
+fp32 accumulation.
 Limits: batch x heads <= 65535 (a grid axis); the candidate lists as mipt.cache_plan builds them.
 """
 
@@ -29,7 +30,7 @@ import torch
 try:
     import triton
     import triton.language as tl
-except ImportError:  # optional: mipt.py falls back to the PyTorch reference
+except ImportError:  # optional: kernels.py falls back to mipt.py's PyTorch reference
     triton = None
 
 
@@ -265,6 +266,3 @@ class CacheAttention(torch.autograd.Function):
         dv += dvc
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dls, None, None, dnk, dnv, None)
 
-
-def cache_attention_fused(q, k, v, log_s, end, cand, null_k, null_v, L):
-    return CacheAttention.apply(q, k, v, log_s, end, cand, null_k, null_v, L)

@@ -36,25 +36,23 @@ Glossary (code name: paper symbol, shape)
     L       cache_chunk              query chunk of the cache's training path
     end     cache_intervals          token j is in the cache of queries j <= i < end_j, (B, T)
     R       cache_explore            training only: random earlier positions each query also attends to
-                                     (-1: all of them, i.e. dense soft selection; 0: off)
+                                     (-1: all of them, i.e. dense soft selection, None inside; 0: off)
     readout readout                  classifier: 'last' reads the final hidden state at the last real
                                      token; 'mean' its running mean over positions (the paper's demo)
     state   DecodeState              decoding: per layer a MIPTState (h (B, D) complex, s (B,), cache:
                                      CacheSlots k, v (B, H, K, hd), score, pos (B, K)) or the twin's KVCache;
                                      pos, the tokens consumed; pooled (B, D), the running sum for 'mean'
 
-Contents, top to bottom: config, scans, the MIPT recurrence, the decoding state, the causal sparse
-cache, the blocks (MIPT and its Transformer twin), the model, decoding, and appendices that load the
-fused CUDA scan (kernels.cu) and the fused cache read-out (cache_kernel.py, Triton), and that help compile
-and capture decoding.
+Contents, top to bottom: config and the dtype policy, scans, the MIPT recurrence, the decoding state, the
+causal sparse cache, the layer and the block, the model (forward, step, prefill, generate), and the
+Transformer twin. The file needs torch alone. Beside it, kernels.py holds the fast paths (the fused CUDA
+scan, the fused cache read-out, the compiled cache plan), each one call from here that falls back to the
+PyTorch code here; engine.py holds fast decoding (CUDA graphs, compiled steps, the sliding window).
 """
 
-import contextlib
 import math
-import os
-import warnings
-from collections import namedtuple
 from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -62,7 +60,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 # -----------------------------------------------------------------------------
-# Config
+# Config: every default of the model, once
 
 
 @dataclass
@@ -87,45 +85,79 @@ class MIPTConfig:
     scan_impl: str = 'auto'      # 'auto' (CUDA kernel when available) | 'torch' | 'cuda'
     cache_impl: str = 'auto'     # the cache's training read-out: 'auto' (Triton kernel on a GPU) | 'torch' | 'triton'
     recompute: bool = False      # training: keep only each MIPT layer's input, run its forward again in backward
+    # how the model computes, not what: the same weights give the same function under any of these
+    HOW: ClassVar[tuple] = ('scan_impl', 'cache_impl', 'recompute')
 
     def __post_init__(self):
-        def need(ok, msg):
-            if not ok:
-                raise ValueError(msg)
         for f in fields(self):  # types first: MIPTConfig(n_layer='2') or n_embd=32.5 fail here, by name
-            v, want = getattr(self, f.name), f.type
-            ok = isinstance(v, want) and not (want is int and isinstance(v, bool))
-            if want is float and isinstance(v, int) and not isinstance(v, bool):
-                setattr(self, f.name, float(v))
-                ok = True
-            need(ok, f"{f.name} must be {want.__name__}, got {v!r} ({type(v).__name__})")
-        need(self.mixer in ('mipt', 'attention'), f"mixer must be 'mipt' or 'attention', got {self.mixer!r}")
-        need(self.attn_impl in ('sdpa', 'naive'), f"attn_impl must be 'sdpa' or 'naive', got {self.attn_impl!r}")
-        need(self.scan_impl in ('auto', 'torch', 'cuda'),
-             f"scan_impl must be 'auto', 'torch' or 'cuda', got {self.scan_impl!r}")
-        need(self.cache_impl in ('auto', 'torch', 'triton'),
-             f"cache_impl must be 'auto', 'torch' or 'triton', got {self.cache_impl!r}")
-        need(self.readout in ('last', 'mean'), f"readout must be 'last' or 'mean', got {self.readout!r}")
+            v = getattr(self, f.name)
+            if f.type is float and isinstance(v, int) and not isinstance(v, bool):
+                setattr(self, f.name, v := float(v))
+            _need(isinstance(v, f.type) and (f.type is bool or not isinstance(v, bool)),
+                  f"{f.name} must be {f.type.__name__}, got {v!r} ({type(v).__name__})")
+        for name, allowed in [('mixer', ('mipt', 'attention')), ('attn_impl', ('sdpa', 'naive')),
+                              ('scan_impl', ('auto', 'torch', 'cuda')), ('cache_impl', ('auto', 'torch', 'triton')),
+                              ('readout', ('last', 'mean'))]:
+            *some, last = [repr(a) for a in allowed]
+            v = getattr(self, name)
+            _need(v in allowed, f"{name} must be {', '.join(some)} or {last}, got {v!r}")
         for name in ('vocab_size', 'block_size', 'n_layer', 'n_embd', 'n_head', 'cache_chunk'):
-            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        need(self.n_embd % self.n_head == 0,
-             f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); change one of them")
-        need(self.cache_size >= -1, f"cache_size must be -1 (unbounded), 0 (no cache) or K > 0, got {self.cache_size}")
-        need(self.cache_explore >= -1, f"cache_explore must be -1 (all), 0 (off) or R > 0, got {self.cache_explore}")
-        need(0.0 <= self.cache_tau < 1.0, f"cache_tau must lie in [0, 1) since s_t is a mean of sigmoids, got {self.cache_tau}")
-        need(0.0 < self.p_init < 1.0, f"p_init must lie in (0, 1), got {self.p_init}")
-        need(0.0 <= self.dropout < 1.0, f"dropout must lie in [0, 1), got {self.dropout}")
-        need(self.n_classes >= 0, f"n_classes must be 0 (language model) or > 0, got {self.n_classes}")
-        need(self.p_penalty >= 0.0, f"p_penalty must be >= 0, got {self.p_penalty}")
+            _need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        _need(self.n_embd % self.n_head == 0,
+              f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); change one of them")
+        _need(self.cache_size >= -1, f"cache_size must be -1 (unbounded), 0 (no cache) or K > 0, got {self.cache_size}")
+        _need(self.cache_explore >= -1, f"cache_explore must be -1 (all), 0 (off) or R > 0, got {self.cache_explore}")
+        _need(0.0 <= self.cache_tau < 1.0, f"cache_tau must lie in [0, 1) since s_t is a mean of sigmoids, got {self.cache_tau}")
+        _need(0.0 < self.p_init < 1.0, f"p_init must lie in (0, 1), got {self.p_init}")
+        _need(0.0 <= self.dropout < 1.0, f"dropout must lie in [0, 1), got {self.dropout}")
+        _need(self.n_classes >= 0, f"n_classes must be 0 (language model) or > 0, got {self.n_classes}")
+        _need(self.p_penalty >= 0.0, f"p_penalty must be >= 0, got {self.p_penalty}")
         if self.mixer == 'attention':
-            need(self.cache_size == 0 or self.cache_size == MIPTConfig.cache_size,
-                 "the attention mixer has no sparse cache: set cache_size=0 (or leave it at its default)")
-            need(self.p_penalty == 0.0, "p_penalty only applies to mixer='mipt'")
+            _need(self.cache_size in (0, MIPTConfig.cache_size),
+                  "the attention mixer has no sparse cache: set cache_size=0 (or leave it at its default)")
+            _need(self.p_penalty == 0.0, "p_penalty only applies to mixer='mipt'")
 
     @property
     def K(self):
-        """Cache slots: None when unbounded. The one internal spelling of "unbounded"."""
-        return None if self.cache_size == -1 else self.cache_size
+        """Cache slots: None when unbounded."""
+        return _unbounded(self.cache_size)
+
+    @property
+    def R(self):
+        """Exploration candidates per query: None for every earlier position."""
+        return _unbounded(self.cache_explore)
+
+    def usage_warning(self):
+        """A valid setting that defeats its purpose, as one line, or None. Exploration that reaches every earlier
+        position (R = -1, or R >= block_size) in a model with a cache never trains the exact cache alone."""
+        if self.mixer == 'mipt' and self.cache_size != 0 and (self.R is None or self.R >= self.block_size):
+            how = '(all)' if self.R is None else f'>= block_size={self.block_size}'
+            return (f"cache_explore={self.cache_explore} {how}: in training every query also attends to every earlier "
+                    f"position, so the exact cache that eval and decoding read is never trained alone; cache_explore "
+                    f"<= block_size // 4 keeps the selection signal (see README, Recall)")
+        return None
+
+
+def _need(ok, msg):
+    if not ok:
+        raise ValueError(msg)
+
+
+def _unbounded(n):
+    """A config's -1 ("unbounded", "all") as the None that the code inside reads."""
+    return None if n == -1 else n
+
+
+def acc_dtype(dtype):
+    """THE dtype policy. Weights and activations may run in bf16 or fp16 (autocast); what accumulates over tokens or
+    sums to one (the state h, softmaxes, the loss, sampling) runs in float32 at least (float64 in a float64 model).
+    PyTorch has no complex bf16 anyway."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def complex_dtype(dtype):
+    """The state's complex dtype for a real dtype, by the policy above."""
+    return torch.complex128 if acc_dtype(dtype) == torch.float64 else torch.complex64
 
 
 # -----------------------------------------------------------------------------
@@ -185,28 +217,54 @@ def scan(a, b, h0=None):
 
 
 # -----------------------------------------------------------------------------
+# The fast paths: each is one call, kernels().<name>(..., impl=<the config's setting>, reference=<the PyTorch
+# function of this file>). kernels.py, beside this file, runs its fused kernel where impl and the tensors
+# allow, and the reference otherwise. Without kernels.py every call runs its reference.
+
+
+def kernels():
+    """kernels.py, imported on first use, or a stand-in that runs every reference."""
+    global _KERNELS
+    if _KERNELS is None:
+        try:
+            import kernels as module
+        except ModuleNotFoundError as e:
+            if e.name != 'kernels':
+                raise
+            module = _ReferenceOnly()
+        _KERNELS = module
+    return _KERNELS
+
+
+_KERNELS = None
+
+
+class _ReferenceOnly:
+    def __getattr__(self, name):
+        def reference_only(*args, impl, reference):
+            if impl not in ('auto', 'torch'):
+                raise RuntimeError(f"{name} with impl={impl!r} needs kernels.py beside mipt.py; use 'auto' or 'torch'")
+            return reference(*args)
+        return reference_only
+
+
+# -----------------------------------------------------------------------------
 # The MIPT recurrence
-#
-# This is the reference path, written in PyTorch right here. On a GPU the same function runs as one
-# fused CUDA kernel (kernels.cu, loaded in the appendix at the end of this file), which computes p, a
-# and b in registers and never writes them to memory; tests check the two against each other.
 
 
 def mipt_recurrence(logit, theta, u_re, u_im, h0=None, impl='auto'):
     """The MIPT recurrence from the layer's projections. Inputs (B, T, D) real, h0 (B, D) complex or None.
-    Returns y = Re h (B, T, D) and the last state h_T (B, D), in float32 (float64 for float64 inputs),
-    also under bf16 autocast: the state accumulates and PyTorch has no complex bf16."""
+    Returns y = Re h (B, T, D) and the last state h_T (B, D), in acc_dtype (float32 also under bf16 autocast).
+    On a GPU the fast path is one fused CUDA kernel (kernels.cu), which computes p, a and b in registers and
+    never writes them to memory; tests check it against recurrence_torch."""
     if logit.shape[1] == 1 and impl != 'cuda':  # one step (decoding) needs no scan
         return recurrence_step(logit[:, 0], theta[:, 0], u_re[:, 0], u_im[:, 0], h0)
-    if logit.is_cuda and logit.dtype == torch.float16:  # the kernel reads fp32 or bf16
-        logit, theta, u_re, u_im = (t.float() for t in (logit, theta, u_re, u_im))
-    fits = logit.is_cuda and logit.dtype in (torch.float32, torch.bfloat16)
-    if impl == 'cuda' or (impl == 'auto' and fits and load_kernels() is not None):
-        if not fits or load_kernels() is None:
-            raise RuntimeError("scan_impl='cuda' needs float32 or bfloat16 inputs on a CUDA device and a "
-                               "working nvcc; use scan_impl='auto' or 'torch' for the PyTorch scan")
-        return MIPTScanCUDA.apply(logit, theta, u_re, u_im, h0)
-    dtype = torch.promote_types(logit.dtype, torch.float32)
+    return kernels().recurrence(logit, theta, u_re, u_im, h0, impl=impl, reference=recurrence_torch)
+
+
+def recurrence_torch(logit, theta, u_re, u_im, h0=None):
+    """The reference path of mipt_recurrence: the gates and inputs as complex tensors, then the scan."""
+    dtype = acc_dtype(logit.dtype)
     p = torch.sigmoid(logit.to(dtype))
     a = torch.polar(1 - p, theta.to(dtype))             # (B, T, D) complex
     b = p * torch.complex(u_re.to(dtype), u_im.to(dtype))  # (B, T, D) complex
@@ -218,7 +276,7 @@ def recurrence_step(logit, theta, u_re, u_im, h0=None):
     """One step, h = (1 - p) e^{i theta} h0 + p u, in real arithmetic: elementwise work that torch.compile
     fuses into the decoding step (no complex tensors but the state's view). Inputs (B, D); returns y (B, 1, D)
     and h (B, D), as mipt_recurrence."""
-    dtype = torch.promote_types(logit.dtype, torch.float32)
+    dtype = acc_dtype(logit.dtype)
     p = torch.sigmoid(logit.to(dtype))
     r = 1 - p                                                                   # |a|
     a_re, a_im = r * torch.cos(theta.to(dtype)), r * torch.sin(theta.to(dtype))
@@ -226,7 +284,7 @@ def recurrence_step(logit, theta, u_re, u_im, h0=None):
     if h0 is None:
         h_re, h_im = b_re, b_im
     else:
-        h0 = torch.view_as_real(h0.to(_complex(dtype)).resolve_conj())          # (B, D, 2)
+        h0 = torch.view_as_real(h0.to(complex_dtype(dtype)).resolve_conj())     # (B, D, 2)
         h_re = a_re * h0[..., 0] - a_im * h0[..., 1] + b_re
         h_im = a_re * h0[..., 1] + a_im * h0[..., 0] + b_im
     return h_re[:, None], torch.view_as_complex(torch.stack([h_re, h_im], -1))
@@ -234,8 +292,7 @@ def recurrence_step(logit, theta, u_re, u_im, h0=None):
 
 # -----------------------------------------------------------------------------
 # The decoding state: one small object per mixer, and the model's DecodeState around them (after
-# nanochat's KVCache). Every tensor of a state is reachable through tensors(), which byte counts and
-# CUDA-graph copies use.
+# nanochat's KVCache). Every tensor of a state is reachable through tensors(), which byte counts use.
 
 
 class State:
@@ -257,26 +314,6 @@ class State:
             return fn(x) if torch.is_tensor(x) else x.map(fn) if isinstance(x, State) else x
         return type(self)(**{f.name: ([m(x) for x in v] if isinstance(v := getattr(self, f.name), list) else m(v))
                              for f in fields(self)})
-
-    def copy_(self, other):
-        """Copy other's tensors into this state's tensors, in place (shapes must match; a tensor that other
-        shares with this state, e.g. a static KV cache written in place, is left as it is)."""
-        for dst, src in zip(list(self.tensors()), list(other.tensors()), strict=True):
-            if dst is not src:
-                dst.copy_(src)
-        return self
-
-
-def _traced():
-    """Inside a CUDA graph capture or torch.compile, where reading a value back to the host is not allowed."""
-    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
-
-
-def _complex(dtype):
-    return torch.complex128 if dtype == torch.float64 else torch.complex64
-
-
-Decoded = namedtuple('Decoded', 'token s state')  # what decode() yields for every new token
 
 
 @dataclass
@@ -307,27 +344,6 @@ class MIPTState(State):
 
 
 @dataclass
-class KVCache(State):
-    """The attention twin's decoding state: every past key and value (it grows with the context)."""
-    k: torch.Tensor                      # (B, H, t, hd)
-    v: torch.Tensor                      # (B, H, t, hd)
-
-    def to_static(self, capacity):
-        """The same keys and values in preallocated (B, H, capacity, hd) tensors, for a CUDA graph."""
-        B, H, t, hd = self.k.shape
-        if t > capacity:
-            raise ValueError(f"a static KV cache of {capacity} positions cannot hold {t}")
-        k, v = (torch.zeros(B, H, capacity, hd, device=x.device, dtype=x.dtype) for x in (self.k, self.v))
-        k[:, :, :t], v[:, :, :t] = self.k, self.v
-        return StaticKVCache(k=k, v=v)
-
-
-@dataclass
-class StaticKVCache(KVCache):
-    """KVCache in fixed tensors: positions < pos are filled, a step writes position pos in place."""
-
-
-@dataclass
 class DecodeState(State):
     """The whole model's decoding state: one state per layer, the position (kept once), and for
     readout='mean' the running sum of the final hidden states."""
@@ -338,10 +354,6 @@ class DecodeState(State):
     @property
     def batch_size(self):
         return next(self.tensors()).shape[0]
-
-    def advance(self, n=1):
-        self.pos = self.pos + n
-        return self
 
 
 # -----------------------------------------------------------------------------
@@ -449,7 +461,7 @@ def cache_plan(s, K, tau, L, R, noise):
 
 
 def cache_attention_torch(q, k, v, log_s, end, cand, null_k, null_v, L):
-    """The cache's training-time read-out, the reference (cache_kernel.py fuses it on a GPU).
+    """The cache's training-time read-out, the reference (kernels.py fuses it on a GPU).
 
     q, k, v (B, T, H, hd); log_s, end (B, T); cand (B, C, N); null_k, null_v (H, hd). Query i attends to
     the null slot and to the candidates j of its chunk with j <= i < end_j, with log s_j added to the
@@ -478,8 +490,7 @@ class SparseCache(nn.Module):
     def __init__(self, config):
         super().__init__()
         D, H = config.n_embd, config.n_head
-        self.n_head, self.K, self.tau, self.L = H, config.K, config.cache_tau, config.cache_chunk
-        self.R = None if config.cache_explore == -1 else config.cache_explore
+        self.n_head, self.K, self.R, self.tau, self.L = H, config.K, config.R, config.cache_tau, config.cache_chunk
         self.impl = config.cache_impl
         self.qkv = nn.Linear(D, 3 * D, bias=config.bias)
         self.gate = nn.Linear(D, D, bias=config.bias)
@@ -487,22 +498,26 @@ class SparseCache(nn.Module):
         self.null_k = nn.Parameter(torch.randn(H, D // H) * 0.02)
         self.null_v = nn.Parameter(torch.zeros(H, D // H))
 
+    def plan(self, s):
+        """Who attends to whom, (cand, end): the exact causal cache, which eval and decoding read, widened in
+        training by the selection signal: R random earlier positions per query (exploration)."""
+        noise = torch.rand_like(s, dtype=torch.float32) if self.training and self.R != 0 else None
+        return kernels().cache_plan(s, self.K, self.tau, self.L, self.R, noise, impl=self.impl, reference=cache_plan)
+
     def forward(self, y, s, want_state=False):
         # y (B, T, D) the scan output, s (B, T) scores
         B, T, D = y.shape
         H, hd, L = self.n_head, D // self.n_head, self.L
-        noise = torch.rand_like(s, dtype=torch.float32) if self.training and self.R != 0 else None
-        fused = _use_fused_cache(self.impl, y.device)
-        cand, end = (cache_plan_compiled if fused else cache_plan)(s.detach(), self.K, self.tau, L, self.R, noise)
+        cand, end = self.plan(s.detach())
         q, k, v = self.qkv(y).view(B, T, 3, H, hd).unbind(2)              # (B, T, H, hd) each
         log_s = torch.log(s.clamp(min=1e-30))                              # (B, T)
-        attend = cache_attention_fused if fused else cache_attention_torch
-        att = attend(q, k, v, log_s, end, cand, self.null_k, self.null_v, L).reshape(B, T, D)
+        att = kernels().cache_readout(q, k, v, log_s, end, cand, self.null_k, self.null_v, L, impl=self.impl,
+                                      reference=cache_attention_torch).reshape(B, T, D)
         out = y + torch.sigmoid(self.gate(y)) * self.proj(att)
         if not want_state:
             return out, None
         # the decoding state after the last position: its row's exact cache, packed best first by THE RULE
-        if noise is not None:  # exploration widened the plan; the state holds the exact cache alone
+        if self.training and self.R != 0:  # exploration widened the plan; the state holds the exact cache alone
             cand, end = cache_plan(s.detach(), self.K, self.tau, L, self.R, None)
         N = cand.shape[2]
         last = cand[:, (T - 1) // L]                                               # (B, N) the last chunk's list
@@ -550,9 +565,9 @@ class SparseCache(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Blocks
+# The layer and the block
 #
-# The mixer protocol (MIPTLayer and SelfAttention; the peers in peers.py follow it too):
+# The mixer protocol (MIPTLayer and the twin's SelfAttention; the peers in peers.py follow it too):
 #   forward(x (B, T, D), want_state) -> (out (B, T, D), s (B, T) or None, state or None)
 #   init_state(B, device, dtype)     -> the state before any token
 #   step(x (B, D), state, pos)       -> (out (B, D), new state): one token at position pos
@@ -587,7 +602,7 @@ class MIPTLayer(nn.Module):
         return out, s, state
 
     def init_state(self, B, device, dtype):
-        return MIPTState(h=torch.zeros(B, self.n_embd, device=device, dtype=_complex(dtype)),
+        return MIPTState(h=torch.zeros(B, self.n_embd, device=device, dtype=complex_dtype(dtype)),
                          s=torch.zeros(B, device=device, dtype=dtype),
                          cache=None if self.cache is None else self.cache.empty_state(B, device, dtype))
 
@@ -597,56 +612,6 @@ class MIPTLayer(nn.Module):
         y, s = y[:, 0], s[:, 0]                                                # (B, D), (B,)
         out, slots = (y, None) if self.cache is None else self.cache.step(y, s, pos, state.cache)
         return out, MIPTState(h=h, s=s, cache=slots)
-
-
-class SelfAttention(nn.Module):
-    """Causal multi-head self-attention: the Transformer twin's mixer."""
-
-    def __init__(self, config):
-        super().__init__()
-        D = config.n_embd
-        self.n_head, self.impl, self.dropout = config.n_head, config.attn_impl, config.dropout
-        self.c_attn = nn.Linear(D, 3 * D, bias=config.bias)
-        self.c_proj = nn.Linear(D, D, bias=config.bias)
-
-    def _heads(self, x):
-        B, T, D = x.shape
-        return [t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(D, dim=2)]
-
-    def forward(self, x, want_state=False):
-        B, T, D = x.shape
-        q, k, v = self._heads(x)  # (B, H, T, hd) each
-        drop = self.dropout if self.training else 0.0
-        if self.impl == 'sdpa':
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
-        else:  # naive: the T x T matrix in memory, as in the paper's memory figure
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-            att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), -math.inf)
-            y = F.dropout(torch.softmax(att, dim=-1), drop, self.training) @ v
-        out = self.c_proj(y.transpose(1, 2).reshape(B, T, D))
-        # the state copies K and V out of the fused projection, so that its (B, T, 3D) output is freed
-        return out, None, (KVCache(k=k.contiguous(), v=v.contiguous()) if want_state else None)
-
-    def init_state(self, B, device, dtype):
-        hd = self.c_proj.in_features // self.n_head
-        empty = torch.zeros(B, self.n_head, 0, hd, device=device, dtype=dtype)
-        return KVCache(k=empty, v=empty.clone())
-
-    def step(self, x, state, pos):
-        q, k, v = self._heads(x[:, None])  # (B, H, 1, hd)
-        if isinstance(state, StaticKVCache):  # write position pos in place; later positions are masked
-            at = torch.as_tensor(pos, device=x.device).view(1)
-            state.k.index_copy_(2, at, k.to(state.k.dtype))
-            state.v.index_copy_(2, at, v.to(state.v.dtype))
-            later = torch.arange(state.k.shape[2], device=x.device) > at                     # (capacity,)
-        else:
-            state, later = KVCache(k=torch.cat([state.k, k], 2), v=torch.cat([state.v, v], 2)), None
-        # one query: plain softmax attention over every cached (past) key, (B, H, 1, t)
-        scores = (q @ state.k.transpose(-2, -1).to(q.dtype)) / math.sqrt(q.shape[-1])
-        if later is not None:
-            scores = scores.masked_fill(later, -math.inf)
-        y = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype)
-        return self.c_proj((y @ state.v.to(v.dtype)).reshape(x.shape)), state
 
 
 class MLP(nn.Module):
@@ -686,6 +651,50 @@ class Block(nn.Module):
 # The model
 
 
+def init_weights(module, n_layer, residual=('c_proj.weight', 'cache.proj.weight')):
+    """GPT-2's initialisation, in place: every Linear and Embedding weight N(0, 0.02), biases zero, and the
+    projections into the residual stream (parameter names ending in `residual`) N(0, 0.02 / sqrt(2 n_layer))."""
+    def one(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+    module.apply(one)
+    for name, w in module.named_parameters():
+        if name.endswith(residual):
+            nn.init.normal_(w, 0.0, 0.02 / math.sqrt(2 * n_layer))
+
+
+def check_decoding(config, max_new_tokens, temperature, top_k):
+    """The decoding arguments that the model and sample() accept (generate and engine.decode check them)."""
+    if config.n_classes:
+        raise ValueError("decoding needs a language model; this model is a classifier (n_classes > 0)")
+    if temperature < 0 or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 1, or 0/None for every token, got {top_k}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+
+
+def sample(logits, temperature=1.0, top_k=None):
+    """THE sampling policy: logits (B, V) -> tokens (B,). Temperature 0 is greedy, > 0 samples from
+    softmax(logits / temperature); top_k None or 0 keeps every token, k > 0 the k most likely."""
+    logits = logits.to(acc_dtype(logits.dtype))
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        v, _ = torch.topk(logits, min(top_k, logits.shape[-1]))
+        logits[logits < v[:, [-1]]] = -math.inf
+    return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)[:, 0]
+
+
+def _traced():
+    """Inside a CUDA graph capture or torch.compile, where reading a value back to the host is not allowed."""
+    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
 class MIPT(nn.Module):
     """A language model (n_classes = 0, head tied to the embedding) or a classifier read causally at each
     sequence's last real token (readout='last') or from the running mean up to it (readout='mean').
@@ -706,23 +715,12 @@ class MIPT(nn.Module):
         else:
             self.head = nn.Linear(D, config.vocab_size, bias=False)
             self.head.weight = self.wte.weight  # tied
-        self.apply(self._init_weights)
-        for name, w in self.named_parameters():  # residual projections, scaled as in GPT-2
-            if name.endswith(('c_proj.weight', 'cache.proj.weight')):
-                nn.init.normal_(w, 0.0, 0.02 / math.sqrt(2 * config.n_layer))
+        init_weights(self, config.n_layer)
         for block in self.blocks:
             if isinstance(block.mix, MIPTLayer):
                 with torch.no_grad():
                     block.mix.proj.bias[:D] = math.log(config.p_init / (1 - config.p_init))  # wave phase
                     block.mix.proj.weight[D:2 * D] *= 0.1                                     # small theta
-
-    def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, 0.0, 0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, 0.0, 0.02)
 
     def get_num_params(self, non_embedding=True):
         """Parameters; non_embedding leaves out the token (and position) embeddings, as the paper counts."""
@@ -735,7 +733,7 @@ class MIPT(nn.Module):
         if idx.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"token ids must be an integer tensor, got {idx.dtype}")
         # on a GPU the check waits for the device: done in eval and decoding (outside a graph capture), not in
-        # every training step, nor inside torch.compile (decode(compile=True)), where it would split the graph
+        # every training step, nor inside torch.compile (a compiled decoding step), where it would split the graph
         if idx.numel() and not (idx.is_cuda and self.training or _traced()):
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0 or hi >= self.config.vocab_size:
@@ -746,7 +744,7 @@ class MIPT(nn.Module):
         x = self.wte(idx)
         if self.wpe is not None:
             T = idx.shape[-1] if idx.dim() == 2 else 1
-            if torch.is_tensor(t0) and _traced():  # a CUDA graph's position (graphed_step bounds it): no host sync
+            if torch.is_tensor(t0) and _traced():  # a CUDA graph's position (engine.graphed_step bounds it): no sync
                 pos = t0 + torch.arange(T, device=idx.device)
             else:
                 t0 = int(t0)
@@ -792,19 +790,18 @@ class MIPT(nn.Module):
             x = x.cumsum(1) / torch.arange(1, x.shape[1] + 1, device=x.device, dtype=x.dtype)[:, None]
         return x[torch.arange(x.shape[0], device=x.device), lengths - 1]         # (B, D)
 
-    def forward(self, idx, targets=None, lengths=None, labels=None):
+    def forward(self, idx, targets=None, lengths=None):
         """idx (B, T). LM: targets (B, T), -1 ignored, gives logits (B, T, V).
-        Classifier: targets (or labels) (B,) and lengths (B,) real tokens per right-padded row, gives
-        logits (B, n_classes) read at position lengths - 1, exactly as each row would classify alone."""
-        targets = labels if labels is not None else targets
+        Classifier: targets (B,) and lengths (B,) real tokens per right-padded row, gives logits
+        (B, n_classes) read at position lengths - 1, exactly as each row would classify alone."""
         x, scores, _ = self._body(idx)                    # (B, T, D)
         if self.config.n_classes:
             logits = self.head(self._read(x, self._lengths(idx, lengths)))  # (B, n_classes)
-            loss = None if targets is None else F.cross_entropy(logits.float(), targets)
+            loss = None if targets is None else F.cross_entropy(logits.to(acc_dtype(logits.dtype)), targets)
         else:
             logits = self.head(x)                         # (B, T, V)
             loss = None if targets is None else F.cross_entropy(
-                logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
+                logits.to(acc_dtype(logits.dtype)).view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
         if loss is not None and self.training and self.config.p_penalty and scores[0] is not None:
             loss = loss + self.config.p_penalty * torch.stack([s.mean() for s in scores]).mean()  # training only
         return logits, loss
@@ -862,17 +859,8 @@ class MIPT(nn.Module):
         if state.pooled is not None:  # readout='mean': the running mean of the final hidden states
             state.pooled = state.pooled + x
             x = state.pooled / (state.pos + 1)
-        state.advance()
+        state.pos = state.pos + 1
         return self.head(x), state
-
-    def step_into(self, idx_t, state):
-        """step, with the new state written into state's own tensors (what graphed_step captures: a graph
-        reads and writes fixed memory). state.pos must be a tensor. Returns the logits."""
-        if not torch.is_tensor(state.pos):
-            raise ValueError("step_into advances state.pos in place: it must be a tensor (use step for an int)")
-        logits, new = self.step(idx_t, state.map(lambda t: t))  # a shallow copy: step rebinds its fields
-        state.copy_(new)
-        return logits
 
     @torch.no_grad()
     def prefill(self, idx):
@@ -887,374 +875,76 @@ class MIPT(nn.Module):
     def state_bytes(state):
         return sum(t.numel() * t.element_size() for t in state.tensors())
 
-    def _graph_blocker(self):
-        """Why graphed_step cannot decode this model, or None: it needs MIPT with a finite cache or the twin
-        (whose KV cache is then preallocated to block_size), on a GPU, in eval mode."""
-        if self.config.mixer == 'mipt' and self.config.K is None:
-            return "graphed_step needs a finite cache (a growing one cannot be graphed)"
-        if not self.wte.weight.is_cuda:
-            return "graphed_step needs the model on a CUDA device"
-        if self.training:
-            return "graphed_step needs an eval-mode model (no dropout)"
-        return None
-
-    def graphable(self):
-        """Whether graphed_step can decode this model (see _graph_blocker)."""
-        return self._graph_blocker() is None
-
-    def graphed_step(self, state, dtype=None, compile=False):
-        """step as one CUDA graph replay, for decoding on a GPU (eager batch-1 decoding is bound by kernel
-        launches). Returns a function idx_t (B,) -> (logits, state) that continues from `state`; the state it
-        returns is held in static tensors, updated in place by every call (keep stepping it through the
-        returned function, not through step). MIPT with a finite cache, or the twin (see _graph_blocker).
-        dtype: the autocast dtype to decode in (None: the weights' dtype), with the Linear weights cast to it
-        once (linears_cast): the graph then reads that snapshot, not later changes to the weights (decode
-        builds a graph per call). compile: torch.compile the step before capturing it (fewer, fused kernels
-        per token; seconds of compilation first)."""
-        if self._graph_blocker():
-            raise ValueError(self._graph_blocker())
-        dev = self.wte.weight.device
-        twin = self.config.mixer == 'attention'
-        if twin:  # the twin's cache, preallocated to its block size (fresh tensors, written in place uncloned)
-            if state.pos >= self.config.block_size:
-                raise ValueError(f"graphed_step: the twin's context ({state.pos}) already fills its block_size "
-                                 f"({self.config.block_size})")
-            state = DecodeState(layers=[st.to_static(self.config.block_size) for st in state.layers],
-                                pos=state.pos, pooled=state.pooled)
-        kv = {id(t) for st in state.layers if isinstance(st, StaticKVCache) for t in (st.k, st.v)}
-        static = state.map(lambda t: t.to(dev) if id(t) in kv else t.to(dev).clone())
-        static.pos = torch.as_tensor(state.pos, device=dev).clone()  # a tensor, so that it is not baked in
-        tok = torch.zeros(static.batch_size, dtype=torch.long, device=dev)
-        ctx = torch.autocast('cuda', dtype=dtype, cache_enabled=False) if dtype else contextlib.nullcontext()
-
-        step_fn = self.step_into
-        if compile:  # the copies into the static state compile with the step, so they fuse into its kernels
-            _allow_recompiles()
-            step_fn = torch.compile(self.step_into, dynamic=False)
-
-        def run():
-            with torch.no_grad(), ctx:
-                return step_fn(tok, static)
-
-        # to undo each warm-up step; not the static KV cache, whose warm-up write lies at position pos, masked
-        # until the first real step overwrites it (one copy of the largest state, not two)
-        saved = static.map(lambda t: t if id(t) in kv else t.clone())
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.device(dev), linears_cast(self, dtype) as cast:  # Linear weights cast once, not per token
-            side = torch.cuda.Stream(dev)
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):  # warm-up outside the graph (kernel loading, workspaces)
-                for _ in range(2):
-                    run()
-                    static.copy_(saved)  # undone each time: both stay at pos (< block_size for the twin)
-            torch.cuda.current_stream(dev).wait_stream(side)
-            with torch.cuda.graph(graph, stream=side):
-                logits = run()
-
-        left = [self.config.block_size - state.pos if twin else math.inf]
-
-        def step(idx_t):
-            if left[0] <= 0:  # counted on the host: the graph's position lives on the device
-                raise ValueError(f"graphed_step: the twin's context reached its block_size ({self.config.block_size});"
-                                 f" decode slides a window past it")
-            left[0] -= 1
-            tok.copy_(idx_t)
-            graph.replay()
-            return logits.clone(), static
-        step.weights = cast  # the graph reads these copies: they live as long as step
-        return step
-
     @torch.no_grad()
-    def decode(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None, want_s=False, graph=True,
-               compile=False):
-        """THE decoding loop (generate, sample.py and bench.py all run it). Continues idx (B, T) and yields
-        one Decoded(token (B,), s, state) per new token.
-
-        Policies: temperature 0 is greedy, > 0 samples; top_k None or 0 keeps every token; n_vocab crops
-        the logits to the real vocabulary (a padded vocabulary's extra ids are never emitted). The prompt
-        goes through prefill (one parallel pass). Then each token goes through step, replayed as one CUDA
-        graph when graphable() (under the caller's autocast dtype). The attention twin, past its
-        block_size, recomputes a sliding window of its last block_size tokens for every new token.
-        want_s: s is each layer's score s_t (B,) of the yielded token (MIPT), which costs one more step
-        at the end; otherwise s is None. graph=False keeps eager steps even where a graph would apply;
-        compile=True compiles the graphed step first (graphed_step), worth it for long generations.
-        Decoded.state is the live decoding state (the graph's static one on a GPU), updated by later steps."""
-        if self.config.n_classes:
-            raise ValueError("decoding needs a language model; this model is a classifier (n_classes > 0)")
-        if temperature < 0 or not math.isfinite(temperature):
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        if top_k is not None and top_k < 0:
-            raise ValueError(f"top_k must be >= 1, or 0/None for every token, got {top_k}")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        n_vocab = n_vocab or self.config.vocab_size
-        T = self.config.block_size
-        window = self.config.mixer == 'attention'
-        context = idx[:, -T:] if window else idx
-        logits, state = self.prefill(context)
-        context_len = context.shape[1]
-        graphed = None
-        if graph and self.graphable() and (max_new_tokens > 1 or want_s) and not (window and context_len >= T):
-            amp = torch.get_autocast_dtype('cuda') if torch.is_autocast_enabled('cuda') else None
-            graphed = self.graphed_step(state, amp, compile)
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Continue idx (B, T) by max_new_tokens tokens, eagerly: prefill, then one step per new token. Returns
+        (B, T + max_new_tokens). engine.decode is the fast loop with the same policy (CUDA graphs, a padded
+        vocabulary, the twin's sliding window past block_size, each token's scores)."""
+        check_decoding(self.config, max_new_tokens, temperature, top_k)
+        logits, state = self.prefill(idx)
         for i in range(max_new_tokens):
-            logits = logits[:, :n_vocab].float()
-            if temperature == 0:
-                tok = logits.argmax(-1)                                               # (B,)
-            else:
-                logits = logits / temperature
-                if top_k:
-                    v, _ = torch.topk(logits, min(top_k, logits.shape[-1]))
-                    logits[logits < v[:, [-1]]] = -math.inf
-                tok = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)[:, 0]  # (B,)
-            if i < max_new_tokens - 1 or want_s:
-                if window:
-                    context = torch.cat([context, tok[:, None]], 1)[:, -T:]
-                if window and context_len + i >= T:   # the twin past its block: a sliding window
-                    logits = self(context)[0][:, -1]
-                else:
-                    logits, state = graphed(tok) if graphed else self.step(tok, state)
-            s = [st.s.clone() for st in state.layers] if want_s and self.config.mixer == 'mipt' else None
-            yield Decoded(tok, s, state)
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None):
-        """Continue idx (B, T) by max_new_tokens tokens: decode(), collected. Returns (B, T + max_new_tokens)."""
-        new = [d.token[:, None] for d in self.decode(idx, max_new_tokens, temperature, top_k, n_vocab)]
-        return torch.cat([idx] + new, dim=1)
+            tok = sample(logits, temperature, top_k)                                   # (B,)
+            idx = torch.cat([idx, tok[:, None]], dim=1)
+            if i + 1 < max_new_tokens:
+                logits, state = self.step(tok, state)
+        return idx
 
 
 # -----------------------------------------------------------------------------
-# Appendix: the fused CUDA scan (kernels.cu). It computes p, a and b in registers from the raw
-# projections, scans in fp32 with a single-pass chunked look-back, writes only y and the chunk-boundary
-# states, and runs the reverse scan with conjugated gates for the gradients. Compiled on first use;
-# without a GPU or a compiler, mipt_recurrence falls back to the PyTorch scan.
+# The Transformer twin: causal self-attention in place of MIPT + cache, the same model around it
 
 
-FWD_TILE = (8, 8)
-BWD_TILE = (8, 8)
-# Persistent grid size; 0 = as many blocks as are resident at once (occupancy x SMs).
-MAX_BLOCKS = 0
-# Debug hook for tests: when True, every output buffer is filled with NaN before the kernel
-# runs, so an element the kernel fails to write shows up as NaN.
-POISON_OUTPUTS = False
+@dataclass
+class KVCache(State):
+    """The twin's decoding state: every past key and value (it grows with the context)."""
+    k: torch.Tensor                      # (B, H, t, hd)
+    v: torch.Tensor                      # (B, H, t, hd)
 
-_KERNELS = None
-_LOAD_TRIED = False
-
-
-def load_kernels(verbose: bool = False):
-    """Compile (once) and load kernels.cu; return the module, or None with a warning."""
-    global _KERNELS, _LOAD_TRIED
-    if _KERNELS is not None or _LOAD_TRIED:
-        return _KERNELS
-    _LOAD_TRIED = True
-    if not torch.cuda.is_available():
-        warnings.warn("mipt CUDA scan unavailable: no CUDA device", RuntimeWarning, stacklevel=2)
-        return None
-    try:
-        from torch.utils import cpp_extension
-
-        if cpp_extension.CUDA_HOME is None:
-            raise RuntimeError("no CUDA toolkit (nvcc) found")
-        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cu")
-        build = os.environ.get("MIPT_BUILD_DIR") or os.path.join(
-            os.path.expanduser("~"), ".cache", "mipt_kernels"
-        )
-        os.makedirs(build, exist_ok=True)
-        _KERNELS = cpp_extension.load(
-            name="mipt_kernels",
-            sources=[src],
-            build_directory=build,
-            extra_cflags=["-O3"],
-            extra_cuda_cflags=[
-                "-O3",
-                "-std=c++17",
-                "-gencode=arch=compute_90a,code=sm_90a",
-                "-gencode=arch=compute_80,code=compute_80",
-                "--split-compile=0",
-                "--threads=2",
-                "-lineinfo",
-            ],
-            verbose=verbose,
-        )
-    except Exception as exc:  # no compiler, build failure, ...
-        warnings.warn(f"mipt CUDA scan unavailable: {exc}", RuntimeWarning, stacklevel=2)
-        _KERNELS = None
-    return _KERNELS
+    def append(self, k, v, pos):
+        """The cache with position pos's keys and values (B, H, 1, hd) added, and the mask of held positions a
+        query at pos must not see (None: every one is past)."""
+        return KVCache(k=torch.cat([self.k, k], 2), v=torch.cat([self.v, v], 2)), None
 
 
-def _out(shape, dtype, device):
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+class SelfAttention(nn.Module):
+    """Causal multi-head self-attention: the Transformer twin's mixer."""
 
+    def __init__(self, config):
+        super().__init__()
+        D = config.n_embd
+        self.n_head, self.impl, self.dropout = config.n_head, config.attn_impl, config.dropout
+        self.c_attn = nn.Linear(D, 3 * D, bias=config.bias)
+        self.c_proj = nn.Linear(D, D, bias=config.bias)
 
-def _state_as_real(h, B, D, device):
-    """complex (B, D) -> contiguous float32 (B, D, 2); None -> empty tensor."""
-    if h is None:
-        return torch.empty(0, dtype=torch.float32, device=device)
-    h = h.to(device=device, dtype=torch.complex64).resolve_conj().contiguous()
-    assert h.shape == (B, D), f"state must be (B, D) = {(B, D)}, got {tuple(h.shape)}"
-    return torch.view_as_real(h).contiguous()
+    def _heads(self, x):
+        B, T, D = x.shape
+        return [t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(D, dim=2)]
 
+    def forward(self, x, want_state=False):
+        B, T, D = x.shape
+        q, k, v = self._heads(x)  # (B, H, T, hd) each
+        drop = self.dropout if self.training else 0.0
+        if self.impl == 'sdpa':
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
+        else:  # naive: the T x T matrix in memory, as in the paper's memory figure
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+            att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), -math.inf)
+            y = F.dropout(torch.softmax(att, dim=-1), drop, self.training) @ v
+        out = self.c_proj(y.transpose(1, 2).reshape(B, T, D))
+        # the state copies K and V out of the fused projection, so that its (B, T, 3D) output is freed
+        return out, None, (KVCache(k=k.contiguous(), v=v.contiguous()) if want_state else None)
 
-class MIPTScanCUDA(torch.autograd.Function):
-    """forward(logit, theta, u_re, u_im, h0) -> (y float32 (B,T,D), h_last complex64 (B,D))."""
+    def init_state(self, B, device, dtype):
+        hd = self.c_proj.in_features // self.n_head
+        empty = torch.zeros(B, self.n_head, 0, hd, device=device, dtype=dtype)
+        return KVCache(k=empty, v=empty.clone())
 
-    @staticmethod
-    def forward(ctx, logit, theta, u_re, u_im, h0=None):
-        mod = load_kernels()
-        if mod is None:
-            raise RuntimeError("mipt CUDA scan kernels are not available")
-        if logit.dim() != 3:
-            raise ValueError("inputs must be (B, T, D)")
-        dtype = logit.dtype
-        if dtype not in (torch.float32, torch.bfloat16):
-            raise TypeError(f"inputs must be float32 or bfloat16, got {dtype}")
-        for x in (theta, u_re, u_im):
-            if x.shape != logit.shape or x.dtype != dtype or x.device != logit.device:
-                raise ValueError("logit, theta, u_re, u_im must share shape, dtype and device")
-        logit, theta, u_re, u_im = (x.contiguous() for x in (logit, theta, u_re, u_im))
-        B, T, D = logit.shape
-        dev = logit.device
-        h0r = _state_as_real(h0, B, D, dev)
-        y = _out((B, T, D), torch.float32, dev)
-        hl = _out((B, D, 2), torch.float32, dev)
-        if T == 0:
-            hl.copy_(h0r if h0 is not None else torch.zeros_like(hl))
-            ckpt = torch.empty(0, device=dev)
-        else:
-            ckpt = mod.fwd(logit, theta, u_re, u_im, h0r, y, hl, *FWD_TILE, MAX_BLOCKS)
-        ctx.save_for_backward(logit, theta, u_re, u_im, h0r, ckpt)
-        ctx.fwd_tile = FWD_TILE
-        ctx.has_h0 = h0 is not None
-        ctx.h0_dtype = h0.dtype if h0 is not None else None
-        return y, torch.view_as_complex(hl)
-
-    @staticmethod
-    def backward(ctx, gy, ghl):
-        logit, theta, u_re, u_im, h0r, ckpt = ctx.saved_tensors
-        B, T, D = logit.shape
-        dev = logit.device
-        if gy is None:
-            gy = torch.zeros((B, T, D), dtype=torch.float32, device=dev)
-        gy = gy.to(torch.float32).contiguous()
-        ghlr = _state_as_real(ghl, B, D, dev)
-        gl, gt, gr, gi = (_out((B, T, D), logit.dtype, dev) for _ in range(4))
-        gh0 = _out((B, D, 2), torch.float32, dev)
-        if T == 0:
-            gh0.copy_(ghlr if ghl is not None else torch.zeros_like(gh0))
-        else:
-            mod = load_kernels()
-            mod.bwd(logit, theta, u_re, u_im, gy, h0r, ghlr, ckpt, *ctx.fwd_tile,
-                    gl, gt, gr, gi, gh0, *_bwd_tile(ctx.fwd_tile), MAX_BLOCKS)
-        gh0c = None
-        if ctx.has_h0 and ctx.needs_input_grad[4]:
-            gh0c = torch.view_as_complex(gh0)
-            if not ctx.h0_dtype.is_complex:
-                gh0c = gh0c.real
-            gh0c = gh0c.to(ctx.h0_dtype)
-        return gl, gt, gr, gi, gh0c
-
-
-def _bwd_tile(fwd_tile):
-    S, L = BWD_TILE
-    if (S * L) % (fwd_tile[0] * fwd_tile[1]) != 0:
-        return fwd_tile
-    return BWD_TILE
-
-
-# -----------------------------------------------------------------------------
-# Appendix: the fused cache read-out (cache_kernel.py, Triton). cache_impl='auto' uses it for tensors on
-# a GPU when Triton is installed; 'triton' insists (and runs on the CPU under TRITON_INTERPRET=1).
-
-
-_CACHE_KERNEL = None
-
-
-def _cache_kernel():
-    """cache_kernel.py, beside this file, imported once."""
-    global _CACHE_KERNEL
-    if _CACHE_KERNEL is None:
-        import importlib.util
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache_kernel.py")
-        spec = importlib.util.spec_from_file_location("mipt_cache_kernel", path)
-        _CACHE_KERNEL = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(_CACHE_KERNEL)
-    return _CACHE_KERNEL
-
-
-_FUSED = {}
-
-
-def _use_fused_cache(impl, device):
-    """Whether the read-out runs fused (decided once per setting and device type)."""
-    if (impl, device.type) not in _FUSED:
-        _FUSED[impl, device.type] = _fused_available(impl, device)
-    return _FUSED[impl, device.type]
-
-
-def _fused_available(impl, device):
-    if impl == 'torch':
-        return False
-    ck = _cache_kernel()
-    if impl == 'auto':
-        return device.type == 'cuda' and ck.triton is not None
-    if not ck.available(device):
-        raise RuntimeError(f"cache_impl='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 on the CPU); "
-                           f"got {device.type}{'' if ck.triton else ' without Triton'}")
-    return True
-
-
-def cache_attention_fused(q, k, v, log_s, end, cand, null_k, null_v, L):
-    return _cache_kernel().CacheAttention.apply(q, k, v, log_s, end, cand, null_k, null_v, L)
-
-
-# The plan's sorts and small tensors cost more in kernel launches than in work: on the fused path it is
-# compiled once per shape and replayed as a CUDA graph (COMPILE_PLAN: a torch.compile mode, or None: eager).
-COMPILE_PLAN = 'reduce-overhead'
-_PLANS = {}
-
-
-def cache_plan_compiled(s, K, tau, L, R, noise):
-    if COMPILE_PLAN is None or s.device.type != 'cuda':
-        return cache_plan(s, K, tau, L, R, noise)
-    if COMPILE_PLAN not in _PLANS:
-        _allow_recompiles()
-        _PLANS[COMPILE_PLAN] = torch.compile(cache_plan, mode=COMPILE_PLAN, dynamic=False)
-    return tuple(t.clone() for t in _PLANS[COMPILE_PLAN](s, K, tau, L, R, noise))   # graphs reuse outputs
-
-
-# -----------------------------------------------------------------------------
-# Appendix: compiling and capturing. graphed_step (and the cache's compiled plan) use these.
-
-
-@contextlib.contextmanager
-def linears_cast(model, dtype):
-    """Within: every nn.Linear of model holds its float32 weight and bias cast to dtype (bf16 or fp16), as autocast
-    casts them on every call: the same rounding, so the same function. graphed_step captures within it, so that a
-    replay reads these copies instead of casting every weight again each token (a third of a batch-1 step, the tied
-    head's 100k x D weight above all). Yields the copies, which whoever replays the graph must keep alive."""
-    low = dtype in (torch.bfloat16, torch.float16)
-    todo = [(m, name, p) for m in model.modules() if low and isinstance(m, nn.Linear)
-            for name, p in m._parameters.items() if p is not None and p.dtype == torch.float32]
-    swapped = []
-    try:  # a cast that fails part way (out of memory) still puts back those before it
-        for m, name, p in todo:
-            cast = nn.Parameter(p.detach().to(dtype), requires_grad=False)
-            swapped.append((m, name, p))
-            m._parameters[name] = cast
-        yield [m._parameters[name] for m, name, _ in swapped]
-    finally:
-        for m, name, p in swapped:
-            m._parameters[name] = p
-
-
-def _allow_recompiles():
-    """One compiled graph per shape (and per model, for graphed_step): allow 64, not torch's default 8
-    (the setting's name changed in torch 2.7)."""
-    import torch._dynamo
-    cfg = torch._dynamo.config
-    name = 'recompile_limit' if hasattr(cfg, 'recompile_limit') else 'cache_size_limit'
-    setattr(cfg, name, max(getattr(cfg, name), 64))
+    def step(self, x, state, pos):
+        q, k, v = self._heads(x[:, None])  # (B, H, 1, hd)
+        state, later = state.append(k, v, pos)
+        # one query: plain softmax attention over every cached (past) key, (B, H, 1, t)
+        scores = (q @ state.k.transpose(-2, -1).to(q.dtype)) / math.sqrt(q.shape[-1])
+        if later is not None:
+            scores = scores.masked_fill(later, -math.inf)
+        y = torch.softmax(scores, dim=-1, dtype=acc_dtype(scores.dtype)).to(v.dtype)
+        return self.c_proj((y @ state.v.to(v.dtype)).reshape(x.shape)), state

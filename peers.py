@@ -33,9 +33,9 @@ H is mipt's n_head; parameters per layer at D = 1024, H = 8, against MIPT K=64's
     hgrn            HGRNAttention(hidden_size=D, expand_ratio=2, mode='chunk', use_short_conv=False):
                     input, forget, gate projections 2 D^2 each, out 2 D^2                          8.39M (0.89x)
 
-Weights are then initialised as mipt initialises its own (every nn.Linear N(0, 0.02), zero biases, the output
-projection scaled by 1/sqrt(2 n_layer) like mipt's c_proj); fla's own parameter inits (A_log, dt_bias, convs,
-norms) are kept.
+Weights are then initialised by mipt's own init_weights (every nn.Linear N(0, 0.02), zero biases, the output
+projection o_proj or out_proj scaled by 1/sqrt(2 n_layer) like mipt's c_proj); fla's own parameter inits (A_log,
+dt_bias, convs, norms) are kept.
 
 Decoding state per layer and sequence (state_bytes, elements; fla keeps recurrent states in fp32):
     gated_deltanet  H x (D/H) x (2D/H) = 2 D^2 / H, plus the three short convolutions' windows (D + D + 2D) x 4
@@ -88,6 +88,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mipt import init_weights
+
 INSTALL = 'pip install flash-linear-attention fla-core'
 
 
@@ -95,14 +97,13 @@ INSTALL = 'pip install flash-linear-attention fla-core'
 class Peer:
     cls: str             # fla.layers class name
     module: str          # the fla module that defines it
-    note: str            # one line for tables
 
 
 PEERS = {
-    'gated_deltanet': Peer('GatedDeltaNet', 'fla.layers.gated_deltanet', 'Gated DeltaNet, head D/H, expand_v 2'),
-    'mamba2': Peer('Mamba2', 'fla.layers.mamba2', 'Mamba2, expand 3, head 64, state 64'),
-    'gla': Peer('GatedLinearAttention', 'fla.layers.gla', 'GLA, expand_k 1, expand_v 2'),
-    'hgrn': Peer('HGRNAttention', 'fla.layers.hgrn', 'HGRN, expand 2'),
+    'gated_deltanet': Peer('GatedDeltaNet', 'fla.layers.gated_deltanet'),
+    'mamba2': Peer('Mamba2', 'fla.layers.mamba2'),
+    'gla': Peer('GatedLinearAttention', 'fla.layers.gla'),
+    'hgrn': Peer('HGRNAttention', 'fla.layers.hgrn'),
 }
 
 
@@ -447,18 +448,6 @@ def mamba2_ssd(m, x, kernel=None):
     return m.out_proj(y)
 
 
-def _init_like_mipt(mixer, n_layer):
-    """mipt's initialisation: every nn.Linear N(0, 0.02) with zero bias, the output projection like c_proj."""
-    for mod in mixer.modules():
-        if isinstance(mod, nn.Linear):
-            nn.init.normal_(mod.weight, 0.0, 0.02)
-            if mod.bias is not None:
-                nn.init.zeros_(mod.bias)
-    for pname, p in mixer.named_parameters():
-        if pname.endswith(('o_proj.weight', 'out_proj.weight')):
-            nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * n_layer))
-
-
 def make_mixer(name, n_embd, n_head, n_layer=1):
     """One peer layer at width n_embd as a mipt mixer (forward(x, want_state=False) -> (out, None, None)),
     initialised as mipt initialises its layers (n_layer scales the output projection). On the CPU; move it."""
@@ -476,7 +465,7 @@ def make_mixer(name, n_embd, n_head, n_layer=1):
     if name == 'gated_deltanet' and hopper_triton_bug():
         _install_gdn_substitute()
         mixer.impl = f'fla naive_chunk_gated_delta_rule ({_substitute_note()}; no-grad: chunk_gated_delta_rule)'
-    _init_like_mipt(mixer, n_layer)
+    init_weights(mixer, n_layer, residual=('o_proj.weight', 'out_proj.weight'))  # as mipt initialises its layers
     return mixer
 
 

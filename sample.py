@@ -11,8 +11,8 @@ Sample from a trained mipt model (after nanoGPT's sample.py), or classify a text
     python sample.py --out_dir=out-imdb --start="A wonderful film."   # a classifier prints class probabilities
     python sample.py --help
 
-Text comes from model.decode, the model's one decoding loop: the prompt goes through one parallel pass
-(prefill), then every new token through model.step (one CUDA graph replay per token on a GPU). A MIPT
+Text comes from engine.decode, the one decoding loop: the prompt goes through one parallel pass (prefill),
+then every new token through model.step (one CUDA graph replay per token on a GPU). A MIPT
 model keeps O(1) state per layer (the complex state h plus at most K cached tokens); a Transformer-twin
 checkpoint keeps the last block_size tokens and slides that window past block_size. The tokenizer comes
 from the dataset meta stored inside the checkpoint.
@@ -29,6 +29,7 @@ from html import escape
 
 import torch
 
+import engine
 from checkpoint import build_model, die, load
 from codec import load_codec, truncate_doc
 from configurator import configure
@@ -200,7 +201,8 @@ for k in range(num_samples):
     s_hist = scores_of(x) if show else None
     new, state, t0 = [], None, time.time()
     with ctx:
-        for d in model.decode(x, max_new_tokens, temperature, top_k, n_vocab=n_vocab, want_s=show, compile=compile):
+        for d in engine.decode(model, x, max_new_tokens, temperature, top_k, n_vocab=n_vocab, want_s=show,
+                               compile=compile):
             tok = int(d.token[0])
             new.append(tok)
             put(tok)

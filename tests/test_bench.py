@@ -2,6 +2,9 @@
 import os
 import sys
 
+import pytest
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench  # noqa: E402
 
@@ -24,3 +27,39 @@ def test_best_peer_ignores_skipped_peers():
     assert t['mipt_over_best_peer_T8192']['best_peer'] == 'fla_hgrn'
     assert t['mipt_over_best_peer_T8192']['measured'] == 4.0 / 5.0
     assert t['cache_over_recurrence_fwdbwd']['measured'] == (5.0 - 2.0) / 2.0
+
+
+def test_met_is_computed_from_measured():
+    """A target that measured nothing (the twin out of memory) is not met, whatever else the row says."""
+    assert bench.target(None, 5.0, True)['met'] is None
+    assert bench.target(6.0, 5.0, True)['met'] is True and bench.target(6.0, 5.0)['met'] is False
+    rows = [{'context': 65536, 'batch': 128, 'model': 'mipt_K64_graph', 'tokens_per_s': 9000.0},
+            {'context': 65536, 'batch': 128, 'model': 'attention_sdpa', 'tokens_per_s': 'OOM'},
+            {'context': 65536, 'batch': 16, 'model': 'mipt_K64_graph', 'tokens_per_s': 1600.0},
+            {'context': 65536, 'batch': 16, 'model': 'attention_sdpa', 'tokens_per_s': 200.0}]
+    t = bench.targets({'batchdecode': rows})['decode_B128_64k_mipt_over_attention']
+    assert t['measured'] is None and t['met'] is None and t['note'] == 'attention OOM' and t['at_B16'] == 8.0
+    text = bench.summary({'device': 'cpu', 'torch': torch.__version__, 'commit': 'x', 'targets': {'k': t}})
+    assert 'yes' not in text.splitlines()[-1] and '—' in text.splitlines()[-1]
+
+
+@pytest.fixture
+def options():
+    """bench's settings, put back after a test that parses flags into them."""
+    keys = bench.OPTIONS + ('SCAN_SHAPES', 'TRAIN_T', 'DECODE_CONTEXT', 'MEMORY_N')
+    saved = {k: getattr(bench, k) for k in keys}
+    yield
+    for k, v in saved.items():
+        setattr(bench, k, v)
+
+
+def test_flags_go_through_the_configurator(options, capsys):
+    bench.parse_args(['--quick=True', '--reps=7', '--sections=scan,decode'])
+    assert (bench.quick, bench.reps, bench.sections) == (True, 7, 'scan,decode')      # given: kept
+    assert bench.out_dir == 'out-bench-quick' and bench.mixer_shapes == '2x8192'       # not given: quick's
+    for bad, msg in [(['--repz=3'], "unknown key 'repz'"), (['--reps=many'], 'reps expects an int')]:
+        with pytest.raises(SystemExit) as exc:
+            bench.parse_args(bad)
+        assert exc.value.code == 2 and msg in capsys.readouterr().err
+    with pytest.raises(SystemExit, match='unknown section'):
+        bench.parse_args(['--sections=scan,warp'])

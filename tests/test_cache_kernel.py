@@ -1,16 +1,17 @@
-"""The fused cache read-out (cache_kernel.py, Triton) against the PyTorch reference in mipt.py.
+"""The fused cache read-out (cache_kernel.py, Triton, chosen by kernels.py) against the PyTorch reference in mipt.py.
 
 On a GPU it runs compiled; without one, under Triton's interpreter (conftest sets TRITON_INTERPRET=1).
 Without Triton every test here skips, except the error message's."""
-import math
 
 import pytest
 import torch
 
+import cache_kernel
+import kernels
 import mipt
 from mipt import MIPT, MIPTConfig
 
-triton_ok = mipt._cache_kernel().triton is not None
+triton_ok = cache_kernel.triton is not None
 needs_triton = pytest.mark.skipif(not triton_ok, reason="needs triton (pip install triton)")
 DEV = 'cuda' if torch.cuda.is_available() else 'cpu'
 
@@ -33,7 +34,7 @@ def both(B, T, H, hd, L, K, R, dtype, seed):
     nk, nv = mk(H, hd).float().detach().requires_grad_(), mk(H, hd).float().detach().requires_grad_()
     g = torch.randn(B, T, H, hd, generator=gen).to(DEV, dtype)
     out = []
-    for attend in (mipt.cache_attention_torch, mipt.cache_attention_fused):
+    for attend in (mipt.cache_attention_torch, cache_kernel.CacheAttention.apply):
         o = attend(q, k, v, ls, end.to(DEV), cand.to(DEV), nk, nv, L)
         out.append([o, *torch.autograd.grad((o.float() * g.float()).sum(), [q, k, v, ls, nk, nv])])
     return out
@@ -90,7 +91,7 @@ def test_model_training_step_equal(readout, n_classes):
     for model in (a, b):
         torch.manual_seed(7)                                # the same exploration draws
         if n_classes:
-            _, loss = model(idx, labels=torch.tensor([0, 2], device=DEV))
+            _, loss = model(idx, torch.tensor([0, 2], device=DEV))
         else:
             _, loss = model(idx, targets=idx)
         loss.backward()
@@ -123,8 +124,8 @@ def test_selection_signal_through_the_kernel(explore):
 
 
 def test_triton_impl_needs_a_backend(monkeypatch):
-    monkeypatch.setattr(mipt._cache_kernel(), 'INTERPRET', False)
-    monkeypatch.setattr(mipt, '_FUSED', {})
+    monkeypatch.setattr(cache_kernel, 'INTERPRET', False)
+    monkeypatch.setattr(kernels, '_FUSED', {})
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is a backend")
     model = MIPT(MIPTConfig(vocab_size=40, n_embd=32, n_head=4, cache_size=2, cache_impl='triton'))

@@ -1,7 +1,7 @@
 """Tests of the fused CUDA MIPT scan (kernels.cu) against a float64 PyTorch reference.
 
 Every test skips on machines without CUDA.  Output buffers are poisoned with NaN before
-the kernels run (POISON_OUTPUTS), so an element the kernels fail to write fails the test.
+the kernels run (kernels.POISON_OUTPUTS), so an element the kernels fail to write fails the test.
 """
 import contextlib
 import math
@@ -12,6 +12,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import engine  # noqa: E402
+import kernels  # noqa: E402
 import mipt  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -21,15 +23,15 @@ DEV = "cuda"
 
 @pytest.fixture(autouse=True)
 def _poison_and_default_tiles():
-    old = (mipt.POISON_OUTPUTS, mipt.FWD_TILE, mipt.BWD_TILE, mipt.MAX_BLOCKS)
-    mipt.POISON_OUTPUTS = True
+    old = (kernels.POISON_OUTPUTS, kernels.FWD_TILE, kernels.BWD_TILE, kernels.MAX_BLOCKS)
+    kernels.POISON_OUTPUTS = True
     yield
-    mipt.POISON_OUTPUTS, mipt.FWD_TILE, mipt.BWD_TILE, mipt.MAX_BLOCKS = old
+    kernels.POISON_OUTPUTS, kernels.FWD_TILE, kernels.BWD_TILE, kernels.MAX_BLOCKS = old
 
 
 @pytest.fixture(scope="module")
 def mod():
-    m = mipt.load_kernels(verbose=False)
+    m = kernels.load_scan(verbose=False)
     assert m is not None, "kernels.cu failed to build"
     return m
 
@@ -56,7 +58,7 @@ def check(B, T, D, *, fwd_tol=1e-5, grad_tol=1e-4, h0=False, dtype=torch.float32
     logit, theta, u_re, u_im, hh = make_inputs(B, T, D, h0=h0, dtype=dtype, **kw_inputs)
     xs = [x.detach().clone().requires_grad_(True) for x in (logit, theta, u_re, u_im)]
     h0k = hh.clone().requires_grad_(True) if h0 else None
-    y, hl = mipt.MIPTScanCUDA.apply(*xs, h0k)
+    y, hl = kernels.MIPTScanCUDA.apply(*xs, h0k)
     assert y.dtype == torch.float32 and y.shape == (B, T, D)
     assert hl.dtype == torch.complex64 and hl.shape == (B, D)
 
@@ -101,7 +103,7 @@ def scan_doubling_f64(logit, theta, u_re, u_im, h0=None):
 
 # ---- tests ----------------------------------------------------------------------------
 def test_builds(mod):
-    assert {tuple(c) for c in mod.configs()} >= {mipt.FWD_TILE, mipt.BWD_TILE}
+    assert {tuple(c) for c in mod.configs()} >= {kernels.FWD_TILE, kernels.BWD_TILE}
 
 
 @pytest.mark.parametrize("B,T,D", [(2, 1, 33), (2, 63, 40), (3, 64, 64), (1, 129, 1),
@@ -116,7 +118,7 @@ def test_noncontiguous_inputs(mod):
     logit, theta, u_re, u_im, _ = make_inputs(B, D, T)  # (B, D, T), then transposed views
     xs = [x.transpose(1, 2) for x in (logit, theta, u_re, u_im)]
     assert not xs[0].is_contiguous()
-    y, hl = mipt.MIPTScanCUDA.apply(*xs)
+    y, hl = kernels.MIPTScanCUDA.apply(*xs)
     y_ref, hl_ref = mipt_scan_reference(*xs)
     assert rel(y, y_ref) <= 1e-5 and rel(hl, hl_ref) <= 1e-5
 
@@ -134,7 +136,7 @@ def fp32_loop(logit, theta, u_re, u_im, h0=None):
 
 
 def check_vs_fp32_loop(logit, theta, u_re, u_im, hh):
-    y, hl = mipt.MIPTScanCUDA.apply(logit, theta, u_re, u_im, hh)
+    y, hl = kernels.MIPTScanCUDA.apply(logit, theta, u_re, u_im, hh)
     y_ref, hl_ref = mipt_scan_reference(logit, theta, u_re, u_im, hh)
     y32, hl32 = fp32_loop(logit, theta, u_re, u_im, hh)
     for out, ref, loop in ((y, y_ref, y32), (hl, hl_ref, hl32)):
@@ -190,7 +192,7 @@ def test_doubling_reference_matches_loop():
 
 def test_all_tile_configs(mod):
     for S, L in mod.configs():
-        mipt.FWD_TILE = mipt.BWD_TILE = (S, L)
+        kernels.FWD_TILE = kernels.BWD_TILE = (S, L)
         check(2, 1000, 70, h0=True)
         check(1, 33, 3)
 
@@ -203,10 +205,10 @@ def test_grid_size_invariant(mod):
                                                                   device=DEV)
     outs = []
     for mb in (1, 7, 0, 1 << 30):
-        mipt.MAX_BLOCKS = mb
+        kernels.MAX_BLOCKS = mb
         xs = [x.clone().requires_grad_(True) for x in (logit, theta, u_re, u_im)]
         h0 = hh.clone().requires_grad_(True)
-        y, hl = mipt.MIPTScanCUDA.apply(*xs, h0)
+        y, hl = kernels.MIPTScanCUDA.apply(*xs, h0)
         outs.append((y, hl) + torch.autograd.grad((y, hl), xs + [h0], (gy, ghl)))
     for o in outs[1:]:
         for a, b in zip(outs[0], o):
@@ -219,7 +221,7 @@ def test_deterministic(mod):
     outs = []
     for _ in range(3):
         xs = [x.clone().requires_grad_(True) for x in (logit, theta, u_re, u_im)]
-        y, hl = mipt.MIPTScanCUDA.apply(*xs, hh)
+        y, hl = kernels.MIPTScanCUDA.apply(*xs, hh)
         g = torch.autograd.grad((y, hl), xs, (torch.ones_like(y), torch.ones_like(hl)))
         outs.append((y, hl) + tuple(g))
     for o in outs[1:]:
@@ -233,7 +235,7 @@ def test_every_output_written(mod):
         logit, theta, u_re, u_im, hh = make_inputs(B, T, D, h0=True)
         xs = [x.clone().requires_grad_(True) for x in (logit, theta, u_re, u_im)]
         h0 = hh.clone().requires_grad_(True)
-        y, hl = mipt.MIPTScanCUDA.apply(*xs, h0)
+        y, hl = kernels.MIPTScanCUDA.apply(*xs, h0)
         g = torch.autograd.grad((y, hl), xs + [h0], (torch.randn_like(y), torch.randn_like(hl)))
         for t in (y, hl) + g:
             t = torch.view_as_real(t) if t.is_complex() else t
@@ -243,13 +245,13 @@ def test_every_output_written(mod):
 def test_h_last_only_and_no_grad(mod):
     logit, theta, u_re, u_im, hh = make_inputs(2, 100, 40, h0=True)
     with torch.no_grad():
-        y, hl = mipt.MIPTScanCUDA.apply(logit, theta, u_re, u_im, hh)
+        y, hl = kernels.MIPTScanCUDA.apply(logit, theta, u_re, u_im, hh)
     y_ref, hl_ref = mipt_scan_reference(logit, theta, u_re, u_im, hh)
     assert rel(y, y_ref) <= 1e-5 and rel(hl, hl_ref) <= 1e-5
     # gradient through h_last alone (y unused)
     xs = [x.clone().requires_grad_(True) for x in (logit, theta, u_re, u_im)]
     xr = [x.double().requires_grad_(True) for x in (logit, theta, u_re, u_im)]
-    _, hl = mipt.MIPTScanCUDA.apply(*xs)
+    _, hl = kernels.MIPTScanCUDA.apply(*xs)
     _, hl_ref = mipt_scan_reference(*xr)
     (hl.abs() ** 2).sum().backward()
     (hl_ref.abs() ** 2).sum().backward()
@@ -302,16 +304,21 @@ def test_model_uses_the_kernel_and_matches_the_torch_scan():
     assert abs(lc.item() - lb.item()) < 0.05
 
 
+def decoded(model, prompt, n, **kw):
+    """The n tokens engine.decode continues prompt with, (B, n)."""
+    return torch.stack([d.token for d in engine.decode(model, prompt, n, **kw)], 1)
+
+
 def graphed_against_eager(model, prompt, n, tol, look=lambda graphed: None, compile=False, dtype=None):
-    """Step n greedy tokens after prompt eagerly and through model.graphed_step (under autocast to dtype, if
+    """Step n greedy tokens after prompt eagerly and through engine.graphed_step (under autocast to dtype, if
     given, both alike); the logits agree to tol. Returns the final (eager, graphed) states; look(graphed state)
     after every step."""
     amp = torch.autocast('cuda', dtype=dtype) if dtype else contextlib.nullcontext()
     with torch.no_grad(), amp:
         _, eager = model.prefill(prompt)
         _, st = model.prefill(prompt)
-        assert model.graphable()
-        step = model.graphed_step(st, dtype, compile=compile)
+        assert engine.graphable(model)
+        step = engine.graphed_step(model, st, dtype, compile=compile)
         tok = prompt[:, -1]
         for _ in range(n):
             le, eager = model.step(tok, eager)
@@ -337,7 +344,7 @@ def test_graphed_step_equals_eager_step():
     assert int(graphed.pos) == eager.pos == 60
     for a, b in zip(eager.layers, graphed.layers):
         assert torch.equal(a.cache.pos, b.cache.pos) and rel(b.h, a.h) < 1e-5 and rel(b.cache.k, a.cache.k) < 1e-5
-    out = model.generate(prompt, 10, top_k=1)  # generate decodes through the graph on CUDA
+    out = torch.cat([prompt, decoded(model, prompt, 10, top_k=1)], 1)  # decode runs through the graph on CUDA
     ref = prompt
     for _ in range(10):
         ref = torch.cat([ref, model(ref)[0][:, -1].argmax(-1, keepdim=True)], 1)
@@ -354,13 +361,13 @@ def test_graphed_twin_equals_eager_twin():
     prompt = torch.randint(0, 97, (2, 20), device=DEV)
     graphed_against_eager(model, prompt, 15, 1e-4)
     with torch.no_grad():
-        step = model.graphed_step(model.prefill(prompt)[1])
+        step = engine.graphed_step(model, model.prefill(prompt)[1])
         for _ in range(20):                              # positions 20..39, the last the block holds
             step(prompt[:, -1])
         with pytest.raises(ValueError, match='reached its block_size'):
             step(prompt[:, -1])
     for p in (prompt, torch.randint(0, 97, (2, 39), device=DEV)):  # 39: the graph is built at the last position
-        out = model.generate(p, 30, top_k=1)             # graphed until position 40, then the window
+        out = torch.cat([p, decoded(model, p, 30, top_k=1)], 1)   # graphed until position 40, then the window
         ref = p
         for _ in range(30):
             ref = torch.cat([ref, model(ref[:, -40:])[0][:, -1].argmax(-1, keepdim=True)], 1)
@@ -384,8 +391,8 @@ def test_compiled_graphed_step_equals_eager_step(mixer):
     eager, graphed = graphed_against_eager(model, prompt, 30, 1e-4, compile=True)
     assert counters['stats']['unique_graphs'] > graphs  # the step was compiled, not silently left eager
     assert int(graphed.pos) == eager.pos == 50
-    plain = torch.stack([d.token for d in model.decode(prompt, 12, temperature=0)], 1)
-    fused = torch.stack([d.token for d in model.decode(prompt, 12, temperature=0, compile=True)], 1)
+    plain = decoded(model, prompt, 12, temperature=0)
+    fused = decoded(model, prompt, 12, temperature=0, compile=True)
     assert torch.equal(plain, fused)
 
 
@@ -405,5 +412,5 @@ def test_bf16_graphed_step_reads_linears_cast_once(mixer, compile):
     assert dict(model.named_parameters()) == before and model.head.weight is model.wte.weight
     assert all(p.dtype == torch.float32 for p in model.parameters())
     with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
-        step = model.graphed_step(model.prefill(prompt)[1], torch.bfloat16)
+        step = engine.graphed_step(model, model.prefill(prompt)[1], torch.bfloat16)
     assert step.weights and all(w.dtype == torch.bfloat16 for w in step.weights)

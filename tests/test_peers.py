@@ -50,6 +50,18 @@ def test_missing_fla_is_one_line_exit(monkeypatch):
         peers.make_mixer('hgrn', 128, 2)
 
 
+def test_peers_initialise_with_mipts_init_weights():
+    """Peers are initialised by mipt.init_weights, the one definition: Linears N(0, 0.02) with zero biases, the
+    output projection (o_proj or out_proj) scaled like mipt's c_proj."""
+    assert peers.init_weights is mipt.init_weights
+    torch.manual_seed(0)
+    layer = torch.nn.ModuleDict({'in_proj': torch.nn.Linear(256, 1024), 'out_proj': torch.nn.Linear(1024, 256)})
+    torch.nn.init.ones_(layer['in_proj'].bias)
+    peers.init_weights(layer, 8, residual=('o_proj.weight', 'out_proj.weight'))
+    assert not layer['in_proj'].bias.any() and abs(layer['in_proj'].weight.std().item() - 0.02) < 1e-3
+    assert abs(layer['out_proj'].weight.std().item() - 0.02 / 4) < 2e-4
+
+
 def test_unknown_peer_lists_valid_names():
     with pytest.raises(SystemExit) as exc:
         peers.use_peer(tiny_model(), 'rwkv99')
