@@ -96,7 +96,7 @@ def recall(J):
         label = {'0': '`log s_j` bias only (`--cache_explore=0`, the rule before the signal)',
                  '-1': 'dense soft selection: every earlier position (`--cache_explore=-1`)'}.get(
             R, f'+ {R} random earlier positions per query (`--cache_explore={R}`)')
-        row = [label, f"{g['val_mean']:.4g}", seeds(g), f3(g['test_min'])]
+        row = [label, f"{g['val_mean']:.4f}", seeds(g), f3(g['test_min'])]
         ablation.append([f'**{c}**' for c in row] if R == best_R else row)
     k4, att, unb = nr['K4_by_R'][best_R], nr['attention'], nr['unbounded_selected_on_val']
     tau = nr['unbounded_by_tau'][unb['tau']]
@@ -172,8 +172,8 @@ def recall(J):
         *table(['τ', 'val (mean)', 'test per seed', 'tokens stored per 512 (mean)', 'seeds'], taus), '',
         '### Long context', '',
         'Trained on the needle anywhere in 2048 tokens (`python data/needle/prepare.py --seq_len 2048 --span 0.0 '
-        '1.0 --out_dir data/needle2048`, then `config/needle.py --dataset=needle2048 --block_size=2048`, 15 epochs, '
-        f"the flags of the row: `{nl['command']}`), then tested on 300 fresh sequences at each N: "
+        '1.0 --out_dir data/needle2048`, then `python train.py config/needle.py --dataset=needle2048 --block_size=2048 '
+        f"{n2048['flags']} --seed=S`, 15 epochs; all four runs: `{nl['command']}`), then tested on 300 fresh sequences at each N: "
         f"`{nl['long_context']['command']}`. The MIPT column is seeds 1 / 2 / 3, the twin seed 1 only; the decoding "
         'state is its bytes after the whole sequence; peak memory is one test forward pass at batch 2^20 / N, bf16 '
         '(measured on the first call\'s models of the same shapes: memory depends on the shapes, not the '
@@ -297,7 +297,8 @@ def language_models(J):
                            ('Transformer twin', sh['attn'])]]
 
     def lm_rows(runs, label):
-        return [[label, name, f"{r['test']['ppl']:.1f}", f"{r['test_ppl_gap_vs_attn'] * 100:+.1f} %",
+        return [[label, name, f"{r['test']['ppl']:.1f}",
+                 f"{r['test_ppl_gap_vs_attn'] * 100:+.1f} %" if r['mixer'] == 'mipt' else '',
                  f"{r['val_ppl']:.1f}", f"{r['params'] / 1e6:.1f}M"]
                 for name, r in [(k.replace('mipt-K', 'MIPT K=').replace('attn', 'Transformer twin'), v)
                                 for k, v in runs.items() if isinstance(v, dict) and 'test' in v]]
