@@ -2,7 +2,7 @@
 python results/prof_step.py (a GPU); writes prof_step.json and prof_<model>.txt under $OUT, else here."""
 import sys, time, json, os, torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import mipt, bench
+import bench, engine, mipt
 from torch.profiler import profile, ProfilerActivity
 torch.manual_seed(0)
 out = {}
@@ -13,7 +13,7 @@ for mixer in ['mipt', 'attention']:
     tok = torch.zeros(1, dtype=torch.long, device='cuda')
     with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
         _, st = model.prefill(prompt)
-        g = model.graphed_step(st, torch.bfloat16, compile=True)
+        g = engine.graphed_step(model, st, torch.bfloat16, compile=True)
         for _ in range(20): g(tok)
         torch.cuda.synchronize(); t = time.perf_counter()
         for _ in range(200): g(tok)
