@@ -66,7 +66,7 @@ def direction(t):
     return '≥' if (m > g) == t['met'] else '≤'
 
 
-def targets_table(targets, extra=()):
+def targets_table(targets):
     rows = []
     for name, t in targets.items():
         note = t.get('note') or '; '.join(f'{k} {sig(v)}' for k, v in t.items()
@@ -173,7 +173,8 @@ def recall(J):
         '### Long context', '',
         'Trained on the needle anywhere in 2048 tokens (`python data/needle/prepare.py --seq_len 2048 --span 0.0 '
         '1.0 --out_dir data/needle2048`, then `python train.py config/needle.py --dataset=needle2048 --block_size=2048 '
-        f"{n2048['flags']} --seed=S`, 15 epochs; all four runs: `{nl['command']}`), then tested on 300 fresh sequences at each N: "
+        f"{n2048['flags']} --seed=S`, 15 epochs; all four runs: `{nl['command']}`), then tested on 300 fresh "
+        f"sequences at each N: "
         f"`{nl['long_context']['command']}`. The MIPT column is seeds 1 / 2 / 3, the twin seed 1 only; the decoding "
         'state is its bytes after the whole sequence; peak memory is one test forward pass at batch 2^20 / N, bf16 '
         '(measured on the first call\'s models of the same shapes: memory depends on the shapes, not the '
@@ -328,7 +329,8 @@ def language_models(J):
         '### IMDB as a language model (~32M parameters), *shrunk*', '',
         '`config/lm_imdb.py` (cl100k tokens, 6 layers × 256, 32 × 1024 tokens per iteration), shrunk to 500 and 1,000 '
         'iterations of the config\'s 2,000 to fit a GPU call; one run per row (seed 1337), every model of a row group '
-        'at the same budget and the config\'s learning rate (no sweep). Test perplexity, its gap to the twin of the same budget (the paper measures +12.9 % / +6.4 % / '
+        'at the same budget and the config\'s learning rate (no sweep). Test perplexity, its gap to the twin of the '
+        'same budget (the paper measures +12.9 % / +6.4 % / '
         '+1.8 % at K = 0 / 16 / 64 on WikiText-103), and val perplexity. Commands: '
         f"{lm_command(lm['mipt-K64'])}, {lm_command(lm['iters1000']['mipt-K64'])} (and `--cache_size=0|16`, "
         '`--mixer=attention --cache_size=0`) through `results/experiments.sh` sets c, d, g on an H100 → '
@@ -399,7 +401,8 @@ def classification(J):
         'bytes4096}.json`, each holding every run\'s exact command). Both models of a row share the budget (shape, '
         'steps, batch, tokenizer, optimizer); MIPT rows run with the twin\'s flags minus `--mixer=attention '
         '--cache_size=0`. Test accuracy from the best-validation checkpoint, mean ± std over seeds 1-3 where the '
-        'seeds column says 3, each config\'s learning rate (no sweep); *shrunk* rows ran fewer epochs than their config file to fit a 10-minute GPU call. '
+        'seeds column says 3, each config\'s learning rate (no sweep); *shrunk* rows ran fewer epochs than their '
+        'config file to fit a 10-minute GPU call. '
         'In brackets: non-embedding parameters (MIPT\'s 4-way input projection and cache give it more than its '
         'twin).', '',
         *table(['experiment', 'MIPT', 'Transformer twin', 'seeds', 'published', 'command'], rows), '',
@@ -604,7 +607,8 @@ def headline(J):
     imdb = J['imdb512']
     rows = [
         ['needle in 512 tokens (the paper\'s demo), K=4, worst of 3 seeds', f3(k4['test_min']),
-         f"{f3(att['test_min'])} ({len(att['test_seeds'])} seeds)", 'paper: 0.968 (MIPT)', '[Recall](RESULTS.md#recall)'],
+         f"{f3(att['test_min'])} ({len(att['test_seeds'])} seeds)", 'paper: 0.968 (MIPT)',
+         '[Recall](RESULTS.md#recall)'],
         ['needle anywhere in 2048 tokens, K=16, mean of 3 seeds', f"{f3(nl['mipt_K16_R512_L1']['test_mean'])} (chance)",
          f"{f3(nl['attention']['test_mean'])} (1 seed)", 'goal 0.99: missed', '[Recall](RESULTS.md#recall)'],
         ['MQAR (512, 64), d=128, K=N, 8-minute runs', f"{mq['K64']['test']:.3f}", f"{mq['attn']['test']:.3f}",
