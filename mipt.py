@@ -240,6 +240,8 @@ _KERNELS = None
 
 
 class _ReferenceOnly:
+    """What kernels() returns without kernels.py."""
+
     def __getattr__(self, name):
         def reference_only(*args, impl, reference):
             if impl not in ('auto', 'torch'):
@@ -517,7 +519,7 @@ class SparseCache(nn.Module):
         if not want_state:
             return out, None
         # the decoding state after the last position: its row's exact cache, packed best first by THE RULE
-        if self.training and self.R != 0:  # exploration widened the plan; the state holds the exact cache alone
+        if self.training:  # the selection signal may have widened the plan; the state holds the exact cache alone
             cand, end = cache_plan(s.detach(), self.K, self.tau, L, self.R, None)
         N = cand.shape[2]
         last = cand[:, (T - 1) // L]                                               # (B, N) the last chunk's list
