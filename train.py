@@ -29,12 +29,7 @@ import math
 import time
 import random
 import signal
-import socket
-import platform
-import resource
-import subprocess
 import dataclasses
-import fcntl
 from contextlib import nullcontext
 
 import numpy as np
@@ -42,10 +37,10 @@ import torch
 from tqdm import tqdm
 
 import checkpoint
+import loader
+import runs
 from checkpoint import die
-from codec import truncate_doc
 from configurator import configure
-from data.common import check_dataset, DatasetError
 from mipt import MIPTConfig
 
 # -----------------------------------------------------------------------------
@@ -100,18 +95,7 @@ config = configure(globals(), doc=__doc__)
 # -----------------------------------------------------------------------------
 checkpoint.DEBUG = debug
 ROOT = os.path.dirname(os.path.abspath(__file__))
-_bad = [f"{k} must be >= {lo}, got {config[k]}" for k, lo in dict(  # every bad value at once, one line
-    max_iters=0, batch_size=1, eval_batch_size=0, eval_interval=1, eval_iters=1, vocab_multiple=1, warmup_iters=0,
-    lr_decay_iters=0, max_epochs=0, gradient_accumulation_steps=1).items() if config[k] < lo]
-_bad += [f"{k} must be {want}, got {config[k]}" for k, ok, want in [
-    ('learning_rate', learning_rate > 0, '> 0'), ('min_lr', min_lr >= 0, '>= 0'), ('stop_at', 0 <= stop_at <= 1, 'in [0, 1]'),
-    ('max_minutes', max_minutes >= 0, '>= 0'), ('stop_at', stop_at == 0 or task != 'lm', "0 for task 'lm' (it stops on accuracy)"),
-    ('beta1', 0 <= beta1 < 1, 'in [0, 1)'), ('beta2', 0 <= beta2 < 1, 'in [0, 1)'),
-    ('weight_decay', weight_decay >= 0, '>= 0'), ('grad_clip', grad_clip >= 0, '>= 0')]
-    if not (ok and math.isfinite(config[k]))]
-_bad += [f"{k} must be one of {', '.join(map(repr, choices))}, got {config[k]!r}" for k, choices in [
-    ('task', ('lm', 'classify', 'seq')), ('init_from', ('scratch', 'resume')),
-    ('dtype', ('float32', 'bfloat16', 'float16'))] if config[k] not in choices]
+_bad = runs.check_settings(config)
 if _bad:
     die('; '.join(_bad), 2)
 
@@ -150,102 +134,21 @@ t_start = time.time()
 # data: checked against its meta.json before anything is written
 default_dir = not data_dir
 data_dir = data_dir or os.path.join(ROOT, 'data', dataset)
-if default_dir and dataset == 'shakespeare_char' and not os.path.exists(os.path.join(data_dir, 'meta.json')) and master:
-    print(f"{data_dir}/meta.json not found: running data/shakespeare_char/prepare.py")
-    if subprocess.run([sys.executable, os.path.join(ROOT, 'data', dataset, 'prepare.py')]).returncode:
-        die("data/shakespeare_char/prepare.py failed")
+if master:
+    loader.ensure_prepared(data_dir, dataset, ROOT, default_dir)
 if ddp:
     torch.distributed.barrier()
-try:
-    meta = check_dataset(data_dir, verify_hashes=master)  # sizes everywhere, sha256 once
-except DatasetError as e:
-    die(str(e))
-fmt = meta.get('format') or ('classify' if meta.get('n_classes') else 'lm')
-if (task == 'seq') != (fmt == 'seq') or (task == 'classify' and fmt != 'classify'):
-    die(f"--task={task} does not fit {data_dir}, a {fmt!r} dataset: use " +
-        ("--task=seq" if fmt == 'seq' else "--task=lm" if fmt == 'lm' else "--task=classify or --task=lm"), 2)
-
-
-def split_path(split, suffix='.bin'):
-    return os.path.join(data_dir, split + suffix)
-
-
-def load_tokens(split, suffix='.bin', dt=None):  # a fresh memmap per batch avoids a memory leak (nanoGPT)
-    return np.memmap(split_path(split, suffix), dtype=np.dtype(dt or meta['dtype']), mode='r')
-
-
-def to_device(*ts):
-    if device_type == 'cuda':
-        return [t.pin_memory().to(device, non_blocking=True) if t is not None else None for t in ts]
-    return [t.to(device) if t is not None else None for t in ts]
-
-
-def windows(data, ix, n):
-    x = torch.stack([torch.from_numpy(data[i:i + n].astype(np.int64)) for i in ix])
-    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + n].astype(np.int64)) for i in ix])
-    return to_device(x, y) + [None]
-
-
-def lm_batch(split, gen, bs):
-    """Random windows of block_size + 1 tokens (nanoGPT's get_batch), drawn with generator `gen`."""
-    data = load_tokens(split)
-    return windows(data, torch.randint(len(data) - block_size - 1, (bs,), generator=gen).tolist(), block_size)
-
-
-class Docs:
-    """classify: docs[i] = tokens[idx[i]:idx[i+1]], label labels[i], right padded into (B, T) batches."""
-
-    def __init__(self, split):
-        self.tokens, self.idx = load_tokens(split), np.load(split_path(split, '.idx.npy'))
-        self.labels = torch.from_numpy(np.load(split_path(split, '.labels.npy')).astype(np.int64))
-        self.n, self.pad, self.eot = len(self.labels), meta.get('pad_token') or 0, meta.get('eot_token')
-
-    def batch(self, ids):
-        docs = []
-        for i in ids:
-            d = truncate_doc(self.tokens[self.idx[i]:self.idx[i + 1]].astype(np.int64), block_size, self.eot)
-            docs.append(d if len(d) else np.array([self.pad], dtype=np.int64))
-        lengths = torch.tensor([len(d) for d in docs])
-        T = min(block_size, -(-int(lengths.max()) // 64) * 64)  # few distinct shapes; equal docs of 512: T = 512
-        x = torch.full((len(docs), T), self.pad, dtype=torch.long)
-        for j, d in enumerate(docs):
-            x[j, :len(d)] = torch.from_numpy(d)
-        return to_device(x, self.labels[list(ids)], lengths)
-
-
-class Rows:
-    """seq: row i = tokens[i*L:(i+1)*L] with one target per position (-1: none), L = meta['seq_len']."""
-
-    def __init__(self, split):
-        self.x = load_tokens(split).reshape(-1, meta['seq_len'])
-        self.y = load_tokens(split, '.targets.bin', meta.get('target_dtype', 'int16')).reshape(-1, meta['seq_len'])
-        self.n = len(self.x)
-
-    def batch(self, ids):
-        x, y = (torch.from_numpy(a[ids].astype(np.int64)) for a in (self.x, self.y))
-        return to_device(x, y, None)
-
-
+meta = loader.open_dataset(data_dir, task, verify_hashes=master)  # sizes everywhere, sha256 once
 if task == 'seq':
     block_size = config['block_size'] = meta['seq_len']
-if task == 'lm':
-    for _s, _need in (('train', block_size + 2), ('val', 2), ('test', 2)):
-        if len(load_tokens(_s)) < _need:
-            die(f"{split_path(_s)} holds {len(load_tokens(_s))} tokens, fewer than " +
-                (f"block_size + 2 = {_need}: lower --block_size" if _s == 'train' else f"{_need}"), 2)
-else:
-    splits = {s: (Docs if task == 'classify' else Rows)(s) for s in ('train', 'val', 'test')}
-    train_n = splits['train'].n
-    micro_per_epoch = train_n // (batch_size * world)
-    if micro_per_epoch == 0:
-        die(f"batch_size {batch_size} x {world} process(es) = {batch_size * world} exceeds the {train_n} training "
-            f"examples of {data_dir}: lower --batch_size", 2)
+data = loader.load_task(data_dir, meta, task, block_size, device)
+if task != 'lm':
+    micro_per_epoch = data.check_batch(batch_size, world, data_dir)
     if max_epochs > 0:
         max_iters = max(1, max_epochs * micro_per_epoch // gradient_accumulation_steps)
-    if task == 'classify' and master:
-        n_cut = int((np.diff(splits['train'].idx) > block_size).sum())
-        if n_cut:
-            print(f"note: {n_cut} of {train_n} training documents are longer than block_size={block_size} and cut")
+    n_cut = data.n_cut(block_size)
+    if n_cut and master:
+        print(f"note: {n_cut} of {data.n_train} training documents are longer than block_size={block_size} and cut")
 vocab_size = meta['vocab_size'] if task == 'classify' else -(-meta['vocab_size'] // vocab_multiple) * vocab_multiple
 n_classes = meta['n_classes'] if task == 'classify' else 0
 logits_per_token = 1 if task == 'classify' else vocab_size  # evaluation batches: <= 65536 tokens, <= 2^28 logits
@@ -261,28 +164,26 @@ if master and mixer == 'mipt' and not peer and cache_size != 0 and dense:
     print(f"warning: cache_explore={cache_explore} {how}: in training every query also attends to every earlier "
           f"position, so the exact cache that eval and decoding read is never trained alone; cache_explore <= "
           f"block_size // 4 keeps the selection signal (see README, Recall)")
-last_path, best_path = os.path.join(out_dir, 'ckpt_last.pt'), os.path.join(out_dir, 'ckpt.pt')
-metrics_path, log_path = os.path.join(out_dir, 'metrics.json'), os.path.join(out_dir, 'log.jsonl')
+P = runs.paths(out_dir)
 ck = None
 if init_from == 'resume':
-    ck = checkpoint.load(last_path)
+    ck = checkpoint.load(P['last'])
     was = ck['meta']
     if ck['train_config'].get('task') != task:
-        die(f"cannot resume {last_path}: it was trained with --task={ck['train_config'].get('task')}, not {task}", 2)
+        die(f"cannot resume {P['last']}: it was trained with --task={ck['train_config'].get('task')}, not {task}", 2)
     differ = [k for k in ('name', 'format', 'tokenizer', 'vocab_size', 'n_classes', 'seq_len', 'counts', 'files')
               if k in was and k in meta and was[k] != meta[k]]
     if differ:
-        die(f"cannot resume {last_path}: it was trained on dataset {was.get('name')!r}, and {data_dir} holds other "
+        die(f"cannot resume {P['last']}: it was trained on dataset {was.get('name')!r}, and {data_dir} holds other "
             f"data ({', '.join(differ)} differ): point --dataset/--data_dir at the run's data, or use another "
             f"--out_dir", 2)
-    how = checkpoint.HOW  # how it computes, not what: this run's flags
     changed = {k: (v, model_args.get(k)) for k, v in ck['model_args'].items()
-               if k not in how and model_args.get(k, v) != v}
+               if k not in checkpoint.HOW and model_args.get(k, v) != v}
     if ck.get('peer', '') != peer:
         changed['peer'] = (ck.get('peer', ''), peer)
     if changed and master:
         print(f"resume: the model config comes from the checkpoint; ignoring {changed}")
-    model_args = dict(ck['model_args'], **{k: model_args[k] for k in how})
+    model_args = dict(ck['model_args'], **{k: model_args[k] for k in checkpoint.HOW})  # how: this run's flags
     peer = ck.get('peer', '')
 try:
     model_config = MIPTConfig(**model_args)
@@ -303,46 +204,20 @@ if peer:  # peers.py: flash-linear-attention layers (Triton, CUDA only) as every
             if model_config.mixer != 'mipt' else "its kernels need a CUDA device"), 2)
     if not peers.available():
         die(f"--peer={peer} needs flash-linear-attention, which does not import here: {peers.INSTALL}")
-if master:  # out_dir: locked (fcntl, until this process exits) before anything is written into it
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        die(f"out_dir {out_dir} is a file, not a directory: pick another --out_dir", 2)
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        lock_file = open(os.path.join(out_dir, '.lock'), 'a+')
-    except OSError as e:
-        die(f"cannot write to out_dir {out_dir}: {e.strerror or e}")
-    try:
-        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock_file.seek(0)
-        die(f"{out_dir} is in use by another run ({lock_file.read().strip() or 'holder unknown'}): wait for it "
-            f"to end, stop it, or pick another --out_dir")
-    lock_file.truncate(0)  # append mode: the write lands at 0
-    lock_file.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    lock_file.flush()
+if master:  # out_dir: locked before anything is written into it
+    lock_file = runs.lock(out_dir)
     if init_from == 'scratch':
-        if (os.path.exists(best_path) or os.path.exists(last_path)) and not overwrite:
-            die(f"{out_dir} holds a checkpoint of an earlier run: pass a new --out_dir, or --overwrite=True to "
-                f"replace that run (--init_from=resume continues it)", 2)
-        for p in (best_path, last_path, metrics_path):
-            if os.path.exists(p):
-                os.remove(p)
-if ck is not None and (ck['iter_num'] >= max_iters or ck.get('reached')) and os.path.exists(metrics_path):
-    try:  # an interrupted or unreadable test evaluation is done again
-        with open(metrics_path) as f:
-            finished = 'interrupted' not in (json.load(f).get('note') or '')
-    except (OSError, ValueError, AttributeError):
-        finished = False
-    if finished:
-        if master:
-            print(f"run already finished at iter {ck['iter_num']}; metrics in {metrics_path} "
-                  f"(to train on, resume with a larger --max_iters)")
-        sys.exit(0)
+        runs.clear_for_scratch(out_dir, overwrite)
+if ck is not None and (ck['iter_num'] >= max_iters or ck.get('reached')) and runs.finished(P['metrics']):
+    if master:
+        print(f"run already finished at iter {ck['iter_num']}; metrics in {P['metrics']} "
+              f"(to train on, resume with a larger --max_iters)")
+    sys.exit(0)
 
 # -----------------------------------------------------------------------------
 # model, optimizer, and the state an exact resume needs
 model = raw_model = checkpoint.build_model({'model_args': model_args, 'peer': peer, 'model': ck and ck['model']},
-                                           device, last_path, how={k: model_args[k] for k in checkpoint.HOW})
+                                           device, P['last'], how={k: model_args[k] for k in checkpoint.HOW})
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if compile:
@@ -352,74 +227,31 @@ if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 params_total = raw_model.get_num_params(non_embedding=False)
 params_non_emb = raw_model.get_num_params(non_embedding=True)
-# training data samplers: their own generators, so that evaluation never moves them and resume is exact.
-# LM windows differ per process (seed + rank); the epoch permutation is the same on every process.
-data_gen = torch.Generator().manual_seed(seed + rank)
-perm_gen = torch.Generator().manual_seed(seed)
-sampler = {'epoch': 0, 'pos': 0, 'perm': None}  # classify/seq: shuffled epochs, drop_last
+order = loader.TrainOrder(seed, rank, world)  # the training order: generators of its own, saved with the run
 iter_num, best_val, best_iter = 0, None, None
 reached = False  # stop_at: val reached it (saved in checkpoints: such a run is finished)
 stats = {'train_time': 0.0, 'train_tokens': 0, 'last_loss': None}  # for metrics.json, across resumes
-
-
-def run_state():
-    """What ckpt_last.pt holds beyond weights and optimizer: every process's RNGs (gathered to rank 0; a
-    collective under DDP) and the epoch sampler."""
-    npst = np.random.get_state()
-    st = {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state(device) if 'cuda' in device else None,
-          'numpy': [npst[0], torch.from_numpy(npst[1].astype(np.int64)), int(npst[2]), int(npst[3]), float(npst[4])],
-          'python': random.getstate(), 'data': data_gen.get_state(), 'perm': perm_gen.get_state()}
-    if ddp:
-        out = [None] * world
-        torch.distributed.all_gather_object(out, st)
-        st = out
-    return {'rng': st, 'sampler': dict(sampler)}
-
-
-def resume_state(ck):
-    """Restore run_state() and the counters from ck, and cut log.jsonl back to the checkpoint (a line that
-    does not parse is dropped with a warning). -> the iteration whose evaluation ck already holds, or None."""
-    global iter_num, best_val, best_iter
+resumed_at = None  # the iteration whose evaluation the resumed checkpoint already holds
+if ck is not None:
     iter_num, best_val, best_iter = ck['iter_num'], ck['best_val'], ck.get('best_iter')
     optimizer.load_state_dict(ck['optimizer'])
     scaler.load_state_dict(ck['scaler'])
     stats.update(ck.get('stats', {}))
-    rngs = ck['rng'] if isinstance(ck['rng'], list) else [ck['rng']]
-    st = rngs[rank % len(rngs)]
-    torch.set_rng_state(st['torch'])
-    if st['cuda'] is not None and 'cuda' in device:
-        torch.cuda.set_rng_state(st['cuda'], device)
-    n = st['numpy']
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
-    random.setstate(st['python'])
-    data_gen.set_state(st['data'])
-    perm_gen.set_state(st['perm'])
-    if len(rngs) != world:  # exactness needs the same number of processes; keep the ranks' data apart
-        data_gen.manual_seed(seed + rank + 7919 * iter_num)
-        if master:
-            print(f"resume: {len(rngs)} process(es) wrote the checkpoint, {world} resume it: "
-                  f"the run continues, but not exactly as an uninterrupted one would")
-    sampler.update(ck['sampler'])
-    if master and os.path.exists(log_path):  # keep what came before the checkpoint
-        kept, bad = [], 0
-        with open(log_path) as f:
-            for line in filter(str.strip, f):
-                try:
-                    e = json.loads(line)
-                    if e['iter'] < iter_num or ('eval' in e and e['iter'] == iter_num):
-                        kept.append(json.dumps(e) + '\n')
-                except (ValueError, TypeError, KeyError):  # a line cut short by a crash, or not ours
-                    bad += 1
-        if bad:
-            print(f"warning: {log_path}: dropped {bad} line(s) that do not parse")
-        with open(log_path, 'w') as f:
-            f.writelines(kept)
-    return iter_num if ck.get('evaluated', True) else None  # False: saved on Ctrl-C, between evaluations
+    writers = runs.set_rng_state(ck, device, order, seed, iter_num)
+    if writers != world and master:
+        print(f"resume: {writers} process(es) wrote the checkpoint, {world} resume it: "
+              f"the run continues, but not exactly as an uninterrupted one would")
+    if master:
+        dropped = runs.trim_log(P['log'], iter_num)  # keep what came before the checkpoint
+        if dropped:
+            print(f"warning: {P['log']}: dropped {dropped} line(s) that do not parse")
+    resumed_at = iter_num if ck.get('evaluated', True) else None  # False: saved on Ctrl-C, between evaluations
+    del ck
 
 
 def save(paths, evaluated=True):
     """Write the training state to each of `paths` (rank 0; every process must call it under DDP)."""
-    state = run_state()
+    state = runs.rng_state(device, order, ddp, world)
     if not master:
         return
     if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
@@ -433,25 +265,6 @@ def save(paths, evaluated=True):
         checkpoint.save(p, ck)
 
 
-resumed_at = resume_state(ck) if ck is not None else None
-del ck
-
-
-def next_train_batch():
-    if task == 'lm':
-        return lm_batch('train', data_gen, batch_size)
-    B = batch_size * world
-    if sampler['perm'] is None or sampler['pos'] + B > train_n:
-        if sampler['perm'] is not None:
-            sampler['epoch'] += 1
-        sampler['perm'] = torch.randperm(train_n, generator=perm_gen)
-        sampler['pos'] = 0
-    lo = sampler['pos'] + rank * batch_size
-    ids = sampler['perm'][lo:lo + batch_size].tolist()
-    sampler['pos'] += B
-    return splits['train'].batch(ids)
-
-
 # -----------------------------------------------------------------------------
 # evaluation (on raw_model: no DDP collectives; every process computes the same numbers). A SIGINT/SIGTERM
 # stops it between batches (Interrupted).
@@ -459,26 +272,10 @@ class Interrupted(Exception):
     pass
 
 
-def eval_batches(split, full):
-    """-> (number of batches, iterator over (x, y, lengths)) covering `split` (lm: see eval_iters)."""
-    if task != 'lm':
-        data = splits[split]
-        chunks = [list(range(b, min(b + eval_bs, data.n))) for b in range(0, data.n, eval_bs)]
-        return len(chunks), (data.batch(ids) for ids in chunks)
-    data = load_tokens(split)
-    n = min(block_size, len(data) - 1)
-    starts = list(range(0, len(data) - n, n))  # non-overlapping windows covering the split
-    if full or len(starts) <= eval_iters * eval_bs:  # the whole split (test: always)
-        chunks = [starts[b:b + eval_bs] for b in range(0, len(starts), eval_bs)]
-        return len(chunks), (windows(data, ix, n) for ix in chunks)
-    gen = torch.Generator().manual_seed(seed + 1)  # eval_iters random batches, the same at every evaluation
-    return eval_iters, (lm_batch(split, gen, eval_bs) for _ in range(eval_iters))
-
-
 @torch.no_grad()
 def evaluate(split, full=False):
     """lm: {'loss', 'ppl'} per token; classify: {'acc', 'loss'} per document; seq: {'acc', 'loss'} per target."""
-    n, batches = eval_batches(split, full)
+    n, batches = data.eval_batches(split, eval_bs, eval_iters, seed, full)
     tot_loss, correct, count = 0.0, 0, 0
     tty = sys.stderr.isatty()
     bar = tqdm(total=n, desc=split, leave=split == 'test', dynamic_ncols=True, mininterval=0.5 if tty else 30,
@@ -510,18 +307,6 @@ def any_process(flag):
     return t.item() > 0
 
 
-def get_lr(it):
-    if not decay_lr:
-        return learning_rate
-    decay_iters = lr_decay_iters or max_iters
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
-    if it >= decay_iters:
-        return min_lr
-    ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
-
-
 stop_requested = False
 
 
@@ -535,9 +320,9 @@ def on_signal(signum, frame):
 
 
 def stop(where):
-    save([last_path], evaluated=False)
+    save([P['last']], evaluated=False)
     if master:
-        print(f"stopped {where}: saved {last_path}; continue with "
+        print(f"stopped {where}: saved {P['last']}; continue with "
               f"`python train.py ... --init_from=resume --out_dir={out_dir}`")
     if ddp:
         destroy_process_group()
@@ -548,7 +333,7 @@ def stop(where):
 # training loop
 signal.signal(signal.SIGINT, on_signal)
 signal.signal(signal.SIGTERM, on_signal)
-log_file = open(log_path, 'a' if init_from == 'resume' else 'w', buffering=1) if master else None
+log_file = open(P['log'], 'a' if init_from == 'resume' else 'w', buffering=1) if master else None
 higher_is_better = task != 'lm'
 metric_name = 'acc' if higher_is_better else 'loss'
 if master:
@@ -581,7 +366,7 @@ while True:
             tqdm.write(f"iter {iter_num}: val " + ' '.join(f"{k} {v:.4f}" for k, v in res.items()) +
                        (' (best)' if improved else ''))
             log_file.write(json.dumps({'iter': iter_num, 'eval': res}) + '\n')
-        save([best_path, last_path] if improved else [last_path])
+        save([P['best'], P['last']] if improved else [P['last']])
     if iter_num >= max_iters or reached or out_of_time:
         if reached and master:
             tqdm.write(f"val {metric_name} {val:.4f} >= stop_at {stop_at}: training ends at iter {iter_num}")
@@ -589,11 +374,12 @@ while True:
             tqdm.write(f"max_minutes={max_minutes} reached: training ends at iter {iter_num} of {max_iters}")
         break
     # one optimisation step
-    t0, lr, loss_sum, n_tok = time.time(), get_lr(iter_num), torch.zeros((), device=device), 0
+    t0, loss_sum, n_tok = time.time(), torch.zeros((), device=device), 0
+    lr = runs.lr_at(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters or max_iters, decay_lr)
     for group in optimizer.param_groups:
         group['lr'] = lr
     for micro in range(gradient_accumulation_steps):
-        x, y, lengths = next_train_batch()
+        x, y, lengths = data.train_batch(order, batch_size)
         with model.no_sync() if ddp and micro < gradient_accumulation_steps - 1 else nullcontext():  # DDP: sync last
             with ctx:
                 _, loss = model(x, y, lengths=lengths)
@@ -640,7 +426,7 @@ if ddp:  # no collective follows: every process leaves together, then rank 0 alo
 # -----------------------------------------------------------------------------
 # the end: the best checkpoint, evaluated once on test; metrics.json
 if master:
-    raw_model.load_state_dict(checkpoint.load(best_path)['model'])
+    raw_model.load_state_dict(checkpoint.load(P['best'])['model'])
     test, note = None, None
     try:
         test = evaluate('test', full=True)
@@ -648,25 +434,12 @@ if master:
         note = f"test evaluation interrupted at {e}"
     probe = None
     if raw_model.config.mixer == 'mipt' and not peer:
-        if task == 'lm':
-            x, _, lengths = lm_batch('val', torch.Generator().manual_seed(seed + 1), batch_size)
-        else:
-            x, _, lengths = splits['val'].batch(list(range(min(batch_size, splits['val'].n))))
+        x, _, lengths = data.probe_batch(batch_size, seed)
         raw_model.eval()
         with torch.no_grad(), ctx:
             st = raw_model.probe(x, lengths=lengths)
         probe = {'p_mean': [float(v) for v in st['p_mean']], 'cache_fill': [float(v) for v in st['cache_fill']]}
-    if device_type == 'cuda':
-        peak, device_name = torch.cuda.max_memory_allocated(device), torch.cuda.get_device_name(device)
-    else:  # Linux reports ru_maxrss in KiB
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        device_name = (f"cpu: {platform.processor() or platform.machine()} x{os.cpu_count()} "
-                       f"({torch.get_num_threads()} threads)")
-    try:  # $MIPT_COMMIT names the commit of a copied tree whose git metadata is stale (a GPU machine's copy)
-        commit = os.environ.get('MIPT_COMMIT') or subprocess.run(
-            ['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    peak, device_name = runs.device_memory(device)
     metrics = {'task': task, 'dataset': meta['name'], 'mixer': raw_model.config.mixer, 'peer': peer or None,
                'train_config': config, 'model_config': dataclasses.asdict(raw_model.config),
                'params': params_total, 'params_non_embedding': params_non_emb,
@@ -674,11 +447,9 @@ if master:
                'stopped_at_target': reached, 'stopped_at_time_limit': out_of_time and not reached and iter_num < max_iters,
                'final_train_loss': stats['last_loss'], 'peak_memory_bytes': peak, 'wall_time_s': time.time() - t_start,
                'tokens_per_sec': stats['train_tokens'] / stats['train_time'] if stats['train_time'] else None,
-               'device': device_name, 'world_size': world, 'git_commit': commit, 'probe': probe,
-               'checkpoint': best_path}
-    with open(metrics_path + '.tmp', 'w') as f:
-        json.dump(metrics, f, indent=2)
-    os.replace(metrics_path + '.tmp', metrics_path)
+               'device': device_name, 'world_size': world, 'git_commit': runs.git_commit(ROOT), 'probe': probe,
+               'checkpoint': P['best']}
+    runs.write_json(P['metrics'], metrics)
     ppl = (lambda v: f" (ppl {math.exp(min(v, 50.0)):.2f})") if task == 'lm' else (lambda v: '')
     print(f"best val {metric_name} {best_val:.4f}{ppl(best_val)} at iter {best_iter}")
     if test:
@@ -688,7 +459,7 @@ if master:
               " | cache fill: " + ' '.join(f"{v:.1f}" for v in probe['cache_fill']))
     print(f"{metrics['tokens_per_sec'] or 0:,.0f} tokens/s | peak memory {peak / 2**20:.0f} MiB | "
           f"{metrics['wall_time_s']:.0f} s")
-    print(f"checkpoint: {best_path}")
-    print(f"metrics: {metrics_path}")
+    print(f"checkpoint: {P['best']}")
+    print(f"metrics: {P['metrics']}")
     if note:
-        die(f"{note}: {metrics_path} has test=null; `--init_from=resume --out_dir={out_dir}` evaluates test again")
+        die(f"{note}: {P['metrics']} has test=null; `--init_from=resume --out_dir={out_dir}` evaluates test again")

@@ -1,0 +1,184 @@
+"""
+The run management of train.py, as functions of their inputs: the settings' checks, out_dir (its lock, a new
+run or a resumed one), the state an exact resume needs (every RNG), the learning-rate schedule, log.jsonl,
+metrics.json. Every failure is one line (checkpoint.die): exit 2 for a configuration error, 1 otherwise.
+"""
+import json
+import math
+import os
+import platform
+import random
+import resource
+import socket
+import subprocess
+import time
+import fcntl
+
+import numpy as np
+import torch
+
+from checkpoint import die
+
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+def check_settings(c):
+    """Every bad value of the settings dict c at once: a list of one-line messages (empty when all is well)."""
+    bad = [f"{k} must be >= {lo}, got {c[k]}" for k, lo in dict(
+        max_iters=0, batch_size=1, eval_batch_size=0, eval_interval=1, eval_iters=1, vocab_multiple=1,
+        warmup_iters=0, lr_decay_iters=0, max_epochs=0, gradient_accumulation_steps=1).items() if c[k] < lo]
+    bad += [f"{k} must be {want}, got {c[k]}" for k, ok, want in [
+        ('learning_rate', c['learning_rate'] > 0, '> 0'), ('min_lr', c['min_lr'] >= 0, '>= 0'),
+        ('stop_at', 0 <= c['stop_at'] <= 1, 'in [0, 1]'), ('max_minutes', c['max_minutes'] >= 0, '>= 0'),
+        ('stop_at', c['stop_at'] == 0 or c['task'] != 'lm', "0 for task 'lm' (it stops on accuracy)"),
+        ('beta1', 0 <= c['beta1'] < 1, 'in [0, 1)'), ('beta2', 0 <= c['beta2'] < 1, 'in [0, 1)'),
+        ('weight_decay', c['weight_decay'] >= 0, '>= 0'), ('grad_clip', c['grad_clip'] >= 0, '>= 0')]
+        if not (ok and math.isfinite(c[k]))]
+    bad += [f"{k} must be one of {', '.join(map(repr, choices))}, got {c[k]!r}" for k, choices in [
+        ('task', ('lm', 'classify', 'seq')), ('init_from', ('scratch', 'resume')), ('dtype', DTYPES)]
+        if c[k] not in choices]
+    return bad
+
+
+def lr_at(it, learning_rate, min_lr, warmup_iters, decay_iters, decay=True):
+    """Linear warmup over warmup_iters, then cosine decay to min_lr at decay_iters (constant without decay)."""
+    if not decay:
+        return learning_rate
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+# -----------------------------------------------------------------------------
+# out_dir: ckpt.pt (the best), ckpt_last.pt (the latest, resumes exactly), log.jsonl, metrics.json, .lock
+
+def paths(out_dir):
+    return {k: os.path.join(out_dir, f) for k, f in (('best', 'ckpt.pt'), ('last', 'ckpt_last.pt'),
+                                                      ('metrics', 'metrics.json'), ('log', 'log.jsonl'))}
+
+
+def lock(out_dir):
+    """Create out_dir and lock it (fcntl, until this process exits) before anything is written into it; the
+    lock file names the holder. -> the open lock file (keep it)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        die(f"out_dir {out_dir} is a file, not a directory: pick another --out_dir", 2)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        f = open(os.path.join(out_dir, '.lock'), 'a+')
+    except OSError as e:
+        die(f"cannot write to out_dir {out_dir}: {e.strerror or e}")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        die(f"{out_dir} is in use by another run ({f.read().strip() or 'holder unknown'}): wait for it "
+            f"to end, stop it, or pick another --out_dir")
+    f.truncate(0)  # append mode: the write lands at 0
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
+
+
+def clear_for_scratch(out_dir, overwrite):
+    """A new run into out_dir: refuse one that holds a checkpoint (unless overwrite), then remove the old
+    checkpoints and metrics."""
+    p = paths(out_dir)
+    if (os.path.exists(p['best']) or os.path.exists(p['last'])) and not overwrite:
+        die(f"{out_dir} holds a checkpoint of an earlier run: pass a new --out_dir, or --overwrite=True to "
+            f"replace that run (--init_from=resume continues it)", 2)
+    for k in ('best', 'last', 'metrics'):
+        if os.path.exists(p[k]):
+            os.remove(p[k])
+
+
+def finished(metrics_path):
+    """Whether metrics.json holds a finished run's results (an interrupted test evaluation is not finished)."""
+    try:
+        with open(metrics_path) as f:
+            return 'interrupted' not in (json.load(f).get('note') or '')
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+# -----------------------------------------------------------------------------
+# the state an exact resume needs
+
+def rng_state(device, order, ddp=False, world=1):
+    """Every RNG of this process (torch, CUDA, numpy, random, the training order's generators) and the epoch
+    sampler; under DDP every process's RNGs, gathered to each (a collective)."""
+    npst = np.random.get_state()
+    st = {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state(device) if 'cuda' in str(device) else None,
+          'numpy': [npst[0], torch.from_numpy(npst[1].astype(np.int64)), int(npst[2]), int(npst[3]), float(npst[4])],
+          'python': random.getstate(), 'data': order.data_gen.get_state(), 'perm': order.perm_gen.get_state()}
+    if ddp:
+        out = [None] * world
+        torch.distributed.all_gather_object(out, st)
+        st = out
+    return {'rng': st, 'sampler': dict(order.sampler)}
+
+
+def set_rng_state(ck, device, order, seed, iter_num):
+    """Restore rng_state() from ck for this process. -> the number of processes that wrote ck: when it is not
+    order.world, the run continues, but not exactly as an uninterrupted one would (each rank's data its own)."""
+    rngs = ck['rng'] if isinstance(ck['rng'], list) else [ck['rng']]
+    st = rngs[order.rank % len(rngs)]
+    torch.set_rng_state(st['torch'])
+    if st['cuda'] is not None and 'cuda' in str(device):
+        torch.cuda.set_rng_state(st['cuda'], device)
+    n = st['numpy']
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    random.setstate(st['python'])
+    order.data_gen.set_state(st['data'])
+    order.perm_gen.set_state(st['perm'])
+    order.sampler.update(ck['sampler'])
+    if len(rngs) != order.world:
+        order.data_gen.manual_seed(seed + order.rank + 7919 * iter_num)
+    return len(rngs)
+
+
+def trim_log(log_path, iter_num):
+    """Cut log.jsonl back to what came before the checkpoint at iter_num (its evaluation included). -> the
+    number of lines dropped because they do not parse (a line cut short by a crash, or not ours)."""
+    if not os.path.exists(log_path):
+        return 0
+    kept, bad = [], 0
+    with open(log_path) as f:
+        for line in filter(str.strip, f):
+            try:
+                e = json.loads(line)
+                if e['iter'] < iter_num or ('eval' in e and e['iter'] == iter_num):
+                    kept.append(json.dumps(e) + '\n')
+            except (ValueError, TypeError, KeyError):
+                bad += 1
+    with open(log_path, 'w') as f:
+        f.writelines(kept)
+    return bad
+
+
+# -----------------------------------------------------------------------------
+# metrics.json
+
+def write_json(path, obj):
+    with open(path + '.tmp', 'w') as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + '.tmp', path)
+
+
+def git_commit(root):
+    """$MIPT_COMMIT (the commit of a copied tree whose git metadata is stale), else git's HEAD, else None."""
+    try:
+        return os.environ.get('MIPT_COMMIT') or subprocess.run(
+            ['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def device_memory(device):
+    """(peak memory in bytes, the device's name): CUDA's peak allocation, or the process's peak RSS."""
+    if 'cuda' in str(device):
+        return torch.cuda.max_memory_allocated(device), torch.cuda.get_device_name(device)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return peak, f"cpu: {platform.processor() or platform.machine()} x{os.cpu_count()} ({torch.get_num_threads()} threads)"
