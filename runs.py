@@ -22,8 +22,10 @@ from checkpoint import die
 DTYPES = ('float32', 'bfloat16', 'float16')
 
 
-def check_settings(c):
-    """Every bad value of the settings dict c at once: a list of one-line messages (empty when all is well)."""
+def check_settings(c, origins=None):
+    """Every bad value of the settings dict c at once: a list of one-line messages (empty when all is well).
+    origins: {key: where it was set} (configurator): a flag is refused where a config file's value is not."""
+    flag = lambda k: (origins or {}).get(k, '').startswith('--')
     bad = [f"{k} must be >= {lo}, got {c[k]}" for k, lo in dict(
         max_iters=0, batch_size=1, eval_batch_size=0, eval_interval=1, eval_iters=1, vocab_multiple=1,
         warmup_iters=0, lr_decay_iters=0, max_epochs=0, gradient_accumulation_steps=1).items() if c[k] < lo]
@@ -37,7 +39,36 @@ def check_settings(c):
     bad += [f"{k} must be one of {', '.join(map(repr, choices))}, got {c[k]!r}" for k, choices in [
         ('task', ('lm', 'classify', 'seq')), ('init_from', ('scratch', 'resume')), ('dtype', DTYPES)]
         if c[k] not in choices]
+    bad += [msg for ok, msg in [
+        (0 <= c['seed'] < 2**32, f"seed must be in [0, 2**32), got {c['seed']}"),
+        (c['out_dir'] != '', "out_dir must name a folder, got ''"),
+        (not c['decay_lr'] or c['min_lr'] <= c['learning_rate'],
+         f"min_lr={c['min_lr']} exceeds learning_rate={c['learning_rate']}: the schedule decays from learning_rate "
+         f"down to min_lr (--decay_lr=False keeps learning_rate)"),
+        (c['task'] != 'lm' or not (c['max_epochs'] and flag('max_epochs')),
+         "max_epochs counts passes over the examples of task 'classify' or 'seq': task 'lm' runs max_iters"),
+        (not (c['max_epochs'] and flag('max_epochs') and flag('max_iters')),
+         "--max_iters and --max_epochs both set the length of the run: give one"),
+        (c['task'] == 'classify' or c['readout'] == 'last',
+         f"readout={c['readout']!r} is a classifier's read-out: it needs task 'classify', not {c['task']!r}"),
+        (c['mixer'] != 'attention' or c['cache_size'] == 0 or not flag('cache_size'),
+         f"cache_size={c['cache_size']}: the attention mixer (the twin) has no sparse cache: drop --cache_size"),
+    ] if not ok]
     return bad
+
+
+def settle(c, origins=None):
+    """The settings that follow from others, in place: a --max_iters flag wins over a config file's max_epochs
+    (and max_epochs does not apply to task lm); the twin records cache_size 0. -> notes to print."""
+    notes, origins = [], origins or {}
+    if c['max_epochs'] and (c['task'] == 'lm' or origins.get('max_iters', '').startswith('--')):
+        notes.append(f"note: max_epochs={c['max_epochs']} of {origins.get('max_epochs', 'the defaults')} does not "
+                     f"apply: " + ("task 'lm' runs max_iters" if c['task'] == 'lm' else
+                                   f"{origins['max_iters']} wins over it"))
+        c['max_epochs'] = 0
+    if c['mixer'] == 'attention':
+        c['cache_size'] = 0
+    return notes
 
 
 def lr_at(it, learning_rate, min_lr, warmup_iters, decay_iters, decay=True):

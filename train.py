@@ -91,13 +91,16 @@ for _f in dataclasses.fields(MIPTConfig):
     if _f.name not in ('vocab_size', 'n_classes') and _f.name not in globals():
         globals()[_f.name] = _f.default
 # -----------------------------------------------------------------------------
-config = configure(globals(), doc=__doc__)
+origins = {}  # key -> the config file or flag that set it
+config = configure(globals(), doc=__doc__, origins=origins)
 # -----------------------------------------------------------------------------
 checkpoint.DEBUG = debug
 ROOT = os.path.dirname(os.path.abspath(__file__))
-_bad = runs.check_settings(config)
+_bad = runs.check_settings(config, origins)
 if _bad:
     die('; '.join(_bad), 2)
+_notes = runs.settle(config, origins)
+max_epochs, cache_size = config['max_epochs'], config['cache_size']
 
 # DDP (torchrun sets RANK): rank 0 writes; gradient accumulation is split across processes
 ddp = int(os.environ.get('RANK', -1)) != -1
@@ -114,6 +117,8 @@ if ddp:
 else:
     rank, local_rank, world = 0, 0, 1
 master = rank == 0
+for _n in _notes if master else ():
+    print(_n)
 device_type = 'cuda' if 'cuda' in device else 'cpu'
 if device_type == 'cuda' and not torch.cuda.is_available():
     die("device='cuda' but CUDA is not available: pass --device=cpu", 2)

@@ -1,16 +1,18 @@
 """
 Tests for data/ and codec.py: tokenizers, raw-file lookup, every prepare.py (on small fixtures, plain and .xz,
-run as subprocesses) and, where the offline mirror ($MIPT_DATA_MIRROR, default ../shared/data) has small
+run in this process) and, where the offline mirror ($MIPT_DATA_MIRROR, default ../shared/data) has small
 files, on the real data; the prepare pipeline's hardening (datasets written as a unit and checked by
 check_dataset, clear one-line errors for bad or too-small raw files); the synthetic needle and MQAR tasks.
 No network is used.
 """
+import contextlib
 import csv
 import io
 import json
 import lzma
 import os
 import random
+import runpy
 import shutil
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import tarfile
 import time
 import zipfile
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -60,10 +63,26 @@ def csv_text(rows, **kwargs):
     return buf.getvalue()
 
 def run_prepare(name, *args, mirror=None, check=True):
-    """Run data/<name>/prepare.py as a subprocess, downloads disabled, mirror = `mirror` (default: none)."""
-    env = dict(os.environ, MIPT_NO_DOWNLOAD='1', MIPT_DATA_MIRROR=mirror or os.path.join(REPO, 'no-such-mirror'))
-    p = subprocess.run([sys.executable, os.path.join(REPO, 'data', name, 'prepare.py'), *map(str, args)],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    """Run data/<name>/prepare.py in this process (as `python data/<name>/prepare.py args` would run), downloads
+    disabled, mirror = `mirror` (default: none). -> namespace(returncode, stdout, stderr)."""
+    path = os.path.join(REPO, 'data', name, 'prepare.py')
+    env = dict(MIPT_NO_DOWNLOAD='1', MIPT_DATA_MIRROR=mirror or os.path.join(REPO, 'no-such-mirror'))
+    saved = sys.argv, {k: os.environ.get(k) for k in env}
+    sys.argv, out, err, code = [path, *map(str, args)], io.StringIO(), io.StringIO(), 0
+    os.environ.update(env)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(path, run_name='__main__')
+    except SystemExit as e:
+        code = e.code
+        if not (code is None or isinstance(code, int)):  # sys.exit('error: ...'): Python prints it, exit 1
+            err.write(f'{code}\n')
+            code = 1
+    finally:
+        sys.argv = saved[0]
+        for k, v in saved[1].items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    p = SimpleNamespace(returncode=code or 0, stdout=out.getvalue(), stderr=err.getvalue())
     if check:
         assert p.returncode == 0, p.stdout + p.stderr
     return p
