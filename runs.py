@@ -17,6 +17,7 @@ import fcntl
 import numpy as np
 import torch
 
+import checkpoint
 from checkpoint import die
 
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -123,6 +124,52 @@ def clear_for_scratch(out_dir, overwrite):
     for k in ('best', 'last', 'metrics'):
         if os.path.exists(p[k]):
             os.remove(p[k])
+
+
+def load_resume(out_dir):
+    """out_dir/ckpt_last.pt, the checkpoint a run resumes from; when it is missing, one line that says what
+    out_dir holds and what to do."""
+    p = paths(out_dir)
+    if not os.path.lexists(p['last']):
+        held = sorted(f for f in os.listdir(out_dir) if not f.startswith('.')) if os.path.isdir(out_dir) else None
+        what = f"{out_dir} does not exist" if held is None else f"{out_dir} holds {', '.join(held) or 'nothing'}"
+        if os.path.exists(p['best']):
+            die(f"no {p['last']} to resume from ({what}): ckpt.pt is the run's best checkpoint; copy it to "
+                f"ckpt_last.pt to continue from its iteration, or start over with --init_from=scratch --overwrite=True")
+        die(f"no {p['last']} to resume from ({what}): train a model first (python train.py --out_dir={out_dir})")
+    return checkpoint.load(p['last'])
+
+
+def check_resume(ck, path, task, meta, data_dir):
+    """A resume on another task or other data is refused (exit 2)."""
+    was = ck.get('meta') or {}
+    if ck['train_config'].get('task') != task:
+        die(f"cannot resume {path}: it was trained with --task={ck['train_config'].get('task')}, not {task}", 2)
+    differ = [k for k in ('name', 'format', 'tokenizer', 'vocab_size', 'n_classes', 'seq_len', 'counts', 'files')
+              if k in was and k in meta and was[k] != meta[k]]
+    if differ:
+        die(f"cannot resume {path}: it was trained on dataset {was.get('name')!r}, and "
+            f"{data_dir} holds other data ({', '.join(differ)} differ): point --dataset/--data_dir at the run's "
+            f"data, or use another --out_dir", 2)
+
+
+MODEL_SETTINGS = ('peer', 'vocab_multiple')  # settings that shape the model beside MIPTConfig's fields
+FRESH = ('init_from', 'overwrite', 'debug', 'out_dir')  # settings of a run's start, not of its training
+
+
+def take_model_settings(ck, c, origins=None):
+    """Resume: the model is the checkpoint's, so the settings dict c takes its MIPTConfig fields (but for the
+    HOW fields: how this run computes), its peer and vocab_multiple, in place. -> (ignored: {key: (this run's
+    value, the checkpoint's)} for those this run's flags or config files set otherwise; resumes: the
+    checkpoint's list of resumes, plus this one: {'iter', 'changed': {key: [before, now]}} for every training
+    setting this run changes)."""
+    was = dict(ck.get('train_config') or {})
+    model = {k: v for k, v in ck['model_args'].items() if k in c and k not in checkpoint.HOW}
+    model.update({k: was[k] for k in MODEL_SETTINGS if k in was}, peer=ck.get('peer', ''))
+    ignored = {k: (c[k], v) for k, v in model.items() if c.get(k) != v and k in (origins or {})}
+    c.update(model)
+    changed = {k: [was[k], v] for k, v in c.items() if k in was and k not in FRESH and was[k] != v}
+    return ignored, list(ck.get('resumes', [])) + [{'iter': ck['iter_num'], 'changed': changed}]
 
 
 def finished(metrics_path):

@@ -145,7 +145,24 @@ if ddp:
     torch.distributed.barrier()
 meta = loader.open_dataset(data_dir, task, verify_hashes=master)  # sizes everywhere, sha256 once
 if task == 'seq':
-    block_size = config['block_size'] = meta['seq_len']
+    config['block_size'] = meta['seq_len']
+
+# -----------------------------------------------------------------------------
+# the model's settings: this run's, or on resume the checkpoint's (how it computes stays this run's), for the
+# model and for everything that reads them (the data's block_size, train_config)
+P = runs.paths(out_dir)
+ck = runs.load_resume(out_dir) if init_from == 'resume' else None
+resumes = []  # every resume: its iteration and the settings that changed there (metrics.json)
+if ck is not None:
+    runs.check_resume(ck, P['last'], task, meta, data_dir)
+    ignored, resumes = runs.take_model_settings(ck, config, origins)
+    if ignored and master:
+        print("resume: the model comes from the checkpoint: ignoring " +
+              ', '.join(f"{k}={now!r} (it has {was!r})" for k, (now, was) in ignored.items()))
+    if resumes[-1]['changed'] and master:
+        print(f"resume at iter {ck['iter_num']} with other settings (recorded in metrics.json): " +
+              ', '.join(f"{k} {a!r} -> {b!r}" for k, (a, b) in resumes[-1]['changed'].items()))
+block_size, peer = config['block_size'], config['peer']
 data = loader.load_task(data_dir, meta, task, block_size, device)
 if task != 'lm':
     micro_per_epoch = data.check_batch(batch_size, world, data_dir)
@@ -154,46 +171,23 @@ if task != 'lm':
     n_cut = data.n_cut(block_size)
     if n_cut and master:
         print(f"note: {n_cut} of {data.n_train} training documents are longer than block_size={block_size} and cut")
-vocab_size = meta['vocab_size'] if task == 'classify' else -(-meta['vocab_size'] // vocab_multiple) * vocab_multiple
-n_classes = meta['n_classes'] if task == 'classify' else 0
-logits_per_token = 1 if task == 'classify' else vocab_size  # evaluation batches: <= 65536 tokens, <= 2^28 logits
-eval_bs = eval_batch_size or max(batch_size, min(65536, 2**28 // logits_per_token) // block_size)
-
-# -----------------------------------------------------------------------------
-# model config (from the flags, or on resume from the checkpoint), out_dir and its lock
-model_args = {f.name: globals()[f.name] for f in dataclasses.fields(MIPTConfig) if f.name in globals()}
-model_args.update(vocab_size=vocab_size, n_classes=n_classes, block_size=block_size)
-dense = cache_explore == -1 or cache_explore >= block_size  # exploration reaches every earlier position
-if master and mixer == 'mipt' and not peer and cache_size != 0 and dense:
-    how = '(all)' if cache_explore == -1 else f'>= block_size={block_size}'
-    print(f"warning: cache_explore={cache_explore} {how}: in training every query also attends to every earlier "
-          f"position, so the exact cache that eval and decoding read is never trained alone; cache_explore <= "
-          f"block_size // 4 keeps the selection signal (see README, Recall)")
-P = runs.paths(out_dir)
-ck = None
-if init_from == 'resume':
-    ck = checkpoint.load(P['last'])
-    was = ck['meta']
-    if ck['train_config'].get('task') != task:
-        die(f"cannot resume {P['last']}: it was trained with --task={ck['train_config'].get('task')}, not {task}", 2)
-    differ = [k for k in ('name', 'format', 'tokenizer', 'vocab_size', 'n_classes', 'seq_len', 'counts', 'files')
-              if k in was and k in meta and was[k] != meta[k]]
-    if differ:
-        die(f"cannot resume {P['last']}: it was trained on dataset {was.get('name')!r}, and {data_dir} holds other "
-            f"data ({', '.join(differ)} differ): point --dataset/--data_dir at the run's data, or use another "
-            f"--out_dir", 2)
-    changed = {k: (v, model_args.get(k)) for k, v in ck['model_args'].items()
-               if k not in checkpoint.HOW and model_args.get(k, v) != v}
-    if ck.get('peer', '') != peer:
-        changed['peer'] = (ck.get('peer', ''), peer)
-    if changed and master:
-        print(f"resume: the model config comes from the checkpoint; ignoring {changed}")
-    model_args = dict(ck['model_args'], **{k: model_args[k] for k in checkpoint.HOW})  # how: this run's flags
-    peer = ck.get('peer', '')
+model_args = {f.name: config[f.name] for f in dataclasses.fields(MIPTConfig) if f.name in config}
+V = meta['vocab_size']
+model_args.update(vocab_size=V if task == 'classify' else -(-V // config['vocab_multiple']) * config['vocab_multiple'],
+                  n_classes=meta['n_classes'] if task == 'classify' else 0)
+if ck is not None:
+    model_args = dict(ck['model_args'], **{k: model_args[k] for k in checkpoint.HOW})
 try:
     model_config = MIPTConfig(**model_args)
 except (TypeError, ValueError) as e:
     die(f"invalid model config: {e}", 2)
+logits_per_token = 1 if task == 'classify' else model_config.vocab_size  # eval batches: <= 65536 tokens, 2^28 logits
+eval_bs = eval_batch_size or max(batch_size, min(65536, 2**28 // logits_per_token) // block_size)
+R = model_config.cache_explore
+if master and model_config.mixer == 'mipt' and not peer and model_config.cache_size != 0 and (R == -1 or R >= block_size):
+    print(f"warning: cache_explore={R} {'(all)' if R == -1 else f'>= block_size={block_size}'}: in training every "
+          f"query also attends to every earlier position, so the exact cache that eval and decoding read is never "
+          f"trained alone; cache_explore <= block_size // 4 keeps the selection signal (see README, Recall)")
 if model_config.scan_impl == 'cuda' and device_type != 'cuda':
     die(f"scan_impl='cuda' needs a CUDA device, and this run is on {device}: use --scan_impl=auto or torch", 2)
 if model_config.cache_impl == 'triton' and model_config.mixer == 'mipt' and model_config.cache_size != 0:
@@ -265,7 +259,7 @@ def save(paths, evaluated=True):
           'model_args': dataclasses.asdict(model_config), 'peer': peer, 'optimizer': optimizer.state_dict(),
           'scaler': scaler.state_dict(), 'iter_num': iter_num, 'best_val': best_val, 'best_iter': best_iter,
           'train_config': config, 'meta': meta, 'evaluated': evaluated, 'stats': dict(stats), 'reached': reached,
-          **state}
+          'resumes': resumes, **state}
     for p in paths:
         checkpoint.save(p, ck)
 
@@ -453,7 +447,7 @@ if master:
                'final_train_loss': stats['last_loss'], 'peak_memory_bytes': peak, 'wall_time_s': time.time() - t_start,
                'tokens_per_sec': stats['train_tokens'] / stats['train_time'] if stats['train_time'] else None,
                'device': device_name, 'world_size': world, 'git_commit': runs.git_commit(ROOT), 'probe': probe,
-               'checkpoint': P['best']}
+               'checkpoint': P['best'], 'resumes': resumes}
     runs.write_json(P['metrics'], metrics)
     ppl = (lambda v: f" (ppl {math.exp(min(v, 50.0)):.2f})") if task == 'lm' else (lambda v: '')
     print(f"best val {metric_name} {best_val:.4f}{ppl(best_val)} at iter {best_iter}")

@@ -432,7 +432,11 @@ BAD = [
     ('resume_other_data', ['--out_dir={run}', '--init_from=resume', '--data_dir={cls}'], 2, 'holds other data', False),
     ('resume_other_task', ['--out_dir={run}', '--init_from=resume', '--data_dir={cls}', '--task=classify'], 2,
      'was trained with --task=lm', False),
-    ('resume_missing', ['--init_from=resume'], 1, 'no checkpoint at', True),
+    ('resume_missing', ['--init_from=resume'], 1, 'ckpt_last.pt to resume from ({tmp}/out does not exist): train a '
+     'model first (python train.py --out_dir={tmp}/out)', True),
+    ('resume_only_best', ['--out_dir={run}', '--init_from=resume'], 1, 'ckpt_last.pt to resume from ({tmp}/run holds '
+     'ckpt.pt, log.jsonl, metrics.json): ckpt.pt is the run\'s best checkpoint; copy it to ckpt_last.pt to continue '
+     'from its iteration, or start over with --init_from=scratch --overwrite=True', False),
     ('resume_empty', ['--out_dir={run}', '--init_from=resume'], 1, 'ckpt_last.pt is empty (0 bytes)', False),
     ('resume_garbage', ['--out_dir={run}', '--init_from=resume'], 1, 'ckpt_last.pt is not a trusted mipt checkpoint',
      False),
@@ -443,6 +447,7 @@ SETUP = {
     'data_no_train': lambda tmp, f: _copy(f['lm'], tmp / 'data', lambda d: os.remove(d / 'train.bin')),
     'out_dir_file': lambda tmp, f: (tmp / 'file').write_text('x'),
     'out_dir_unwritable': lambda tmp, f: (tmp / 'file').write_text('x'),
+    'resume_only_best': lambda tmp, f: (Path(f['run']) / 'ckpt_last.pt').unlink(),
     'resume_empty': lambda tmp, f: (Path(f['run']) / 'ckpt_last.pt').write_bytes(b''),
     'resume_garbage': lambda tmp, f: (Path(f['run']) / 'ckpt_last.pt').write_bytes(os.urandom(2000)),
 }
@@ -459,7 +464,7 @@ def test_bad_command_line(cid, args, code, msg, early, lm_dir, cls_dir, seq_dir,
     if cid in SETUP:
         SETUP[cid](tmp_path, f)
     r = train(*TINY, *[a.format(**f) for a in [f'--data_dir={lm_dir}', '--out_dir={out}'] + args])
-    one_line(r, code, msg)
+    one_line(r, code, msg.format(**f))
     if early:
         assert not (tmp_path / 'out').exists(), f'{cid}: wrote into out_dir before failing'
 
@@ -659,3 +664,26 @@ def test_flags_win_over_config_files(cls_dir, tmp_path):
                  '--mixer=attention'))
     m = json.loads((tmp_path / 'b' / 'metrics.json').read_text())
     assert m['iters'] == 64 // 4 and m['model_config']['cache_size'] == 0 and m['train_config']['cache_size'] == 0
+
+
+def test_resume_takes_the_model_from_the_checkpoint(lm_run, lm_dir, tmp_path):
+    """Resume with another --block_size or --n_embd: the model is the checkpoint's, and so are the batches'
+    length (they once took the flag's) and what train_config records; a new batch size and learning rate apply
+    from the resume on, and metrics.json says where they changed."""
+    out = shutil.copytree(lm_run[0], tmp_path / 'run')
+    r = ok(train(*LM, f'--data_dir={lm_dir}', f'--out_dir={out}', '--init_from=resume', '--max_iters=14',
+                 '--block_size=64', '--n_embd=64', '--batch_size=8', '--learning_rate=1e-3'))
+    assert ("resume: the model comes from the checkpoint: ignoring block_size=64 (it has 32), n_embd=64 (it has 32)"
+            in r.out), r.out
+    assert ("resume at iter 12 with other settings (recorded in metrics.json): batch_size 4 -> 8, learning_rate "
+            "0.003 -> 0.001, max_iters 12 -> 14" in r.out), r.out
+    before = torch.load(lm_run[0] / 'ckpt_last.pt', weights_only=True)['stats']['train_tokens']
+    after = torch.load(out / 'ckpt_last.pt', weights_only=True)
+    assert after['stats']['train_tokens'] - before == 2 * 8 * 32  # 2 iterations of 8 windows of the model's 32
+    m = json.loads((out / 'metrics.json').read_text())
+    assert m['train_config']['block_size'] == m['model_config']['block_size'] == after['model_args']['block_size'] == 32
+    assert m['train_config']['n_embd'] == m['model_config']['n_embd'] == 32 and m['train_config']['batch_size'] == 8
+    assert m['resumes'] == [{'iter': 12, 'changed': {'batch_size': [4, 8], 'learning_rate': [3e-3, 1e-3],
+                                                     'max_iters': [12, 14]}}]
+    log = [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
+    assert [e['lr'] for e in log if e.get('iter') == 12 and 'lr' in e][0] < 1e-3
