@@ -73,6 +73,7 @@ import torch
 
 import engine
 import mipt
+from checkpoint import die
 from configurator import configure
 from mipt import MIPT, MIPTConfig
 
@@ -107,14 +108,14 @@ OPTIONS = ('sections', 'out_dir', 'reps', 'quick', 'budget_s', 'trainmix_compile
 
 
 def parse_args(argv=None):
-    """The options above from config files and --key=value flags (configurator.configure: one line and exit 2 on a
-    bad one; bools take True/False); --quick=True then shrinks every option it was not given."""
+    """The options above from config files and --key=value flags (configurator.configure; a bad one is one line
+    `error: ...` and exit 2; bools take True/False); --quick=True then shrinks every option it was not given."""
     g = globals()
     defaults = {k: g[k] for k in OPTIONS}
     configure(g, OPTIONS, argv, doc=__doc__)
     unknown = [s for s in g['sections'].split(',') if s not in SECTIONS]
     if unknown:
-        raise SystemExit(f"bench.py: unknown section(s) {', '.join(unknown)}; sections: {', '.join(SECTIONS)}")
+        die(f"unknown section(s) {', '.join(unknown)}; sections: {', '.join(SECTIONS)}", 2)
     if g['quick']:
         g.update(SCAN_SHAPES=[(8, 1024, 2048)], TRAIN_T=[2048], DECODE_CONTEXT=[1024], MEMORY_N=[1024])
         for key, val in [('reps', 5), ('out_dir', 'out-bench-quick'), ('mixer_shapes', '2x8192'),
@@ -513,7 +514,7 @@ def mixer_layers():
         return layers, None
     for name in want:
         if name not in peers.PEERS:
-            raise SystemExit(f"bench.py: unknown peer {name!r} in mixer_peers; peers: {', '.join(peers.PEERS)}")
+            die(f"unknown peer {name!r} in mixer_peers; peers: {', '.join(peers.PEERS)}", 2)
         nbytes = peers.state_bytes(name, D, H)
         layers.append((f'fla_{name}', lambda name=name: peers.make_mixer(name, D, H), lambda T, b=nbytes: b, 'fla'))
     return layers, peers
@@ -805,7 +806,7 @@ def summary(res):
 def main(argv=None):
     parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit('bench.py needs a CUDA GPU')
+        die('bench.py needs a CUDA GPU')
     global _T0, _RES, _SECTION
     _T0 = time.perf_counter()
     torch.backends.cuda.matmul.allow_tf32 = True
