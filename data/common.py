@@ -21,8 +21,10 @@ formats (meta['format']):
 With cl100k_base every document ends with the EOT token (inside its idx range), so a classification
 .bin doubles as an EOT-separated LM corpus. Every split must be non-empty (an LM split at least 2 tokens).
 
-Writing is one unit (write_files): an old meta.json is deleted first, then every data file is written
-(each to a .tmp file, then renamed), then meta.json last, with the size and sha256 of every data file.
+Writing is one unit (write_files), the output folder locked against another prepare meanwhile: an old
+meta.json is deleted first, then every data file is written (each to a .tmp file of this process, then
+renamed), then meta.json last, with the size and sha256 of the bytes written to every data file. A failed
+write (a full disk) removes the files of that run and stops with one line.
 check_dataset(data_dir) -> meta verifies a prepared dataset against its meta.json and raises
 DatasetError (one line: the file and the problem) for anything missing, truncated, rewritten or out of range.
 
@@ -34,6 +36,8 @@ script with `error: <file>: <problem>` (PrepareError), exit status 1.
 """
 import argparse
 import csv
+import errno
+import fcntl
 import functools
 import hashlib
 import json
@@ -314,36 +318,84 @@ def split_train_val(train, test, val, seed=SEED, names=('train', 'test')):
 # writers
 
 def _atomic_write(path, write, binary=True):
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') if binary else open(tmp, 'w', encoding='utf-8', newline='') as f:
-        write(f)
-    os.replace(tmp, path)
+    """write(f) into a temporary file of this process, then rename it to path (on failure: removed).
+    -> what write returned."""
+    tmp = f'{path}.{os.getpid()}.tmp'
+    try:
+        with open(tmp, 'wb') if binary else open(tmp, 'w', encoding='utf-8', newline='') as f:
+            out = write(f)
+        os.replace(tmp, path)
+        return out
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 def sha256_file(path):
     with open(path, 'rb') as f:
         return hashlib.file_digest(f, 'sha256').hexdigest()
 
+class _Stamped:
+    """A file opened for writing that counts and hashes every byte written through it."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, b):
+        self.sha.update(b)
+        self.bytes += memoryview(b).nbytes
+        return self.f.write(b)
+
+def _write_array(f, name, arr):
+    """name.npy with np.save, anything else as raw bytes in C order (in pieces of 16 MiB). -> the stamp of the
+    bytes written: {bytes, sha256}."""
+    f = _Stamped(f)
+    if name.endswith('.npy'):
+        np.save(f, arr)
+    else:
+        flat = memoryview(np.ascontiguousarray(arr).reshape(-1)).cast('B')
+        for i in range(0, len(flat), 1 << 24):
+            f.write(flat[i:i + (1 << 24)])
+    return {'bytes': f.bytes, 'sha256': f.sha.hexdigest()}
+
 def write_files(out_dir, arrays, meta):
-    """Write one dataset as a unit: delete out_dir/meta.json, write every array (name.npy with np.save,
-    anything else as raw bytes, C order), then meta.json last with meta['files'] = {name: {bytes, sha256}}
-    (and meta['command'] from cli, if not set). Returns the meta written."""
+    """Write one dataset as a unit, out_dir locked against another prepare meanwhile: delete out_dir/meta.json,
+    write every array (name.npy with np.save, anything else as raw bytes, C order; each to a temporary file of
+    this process, then renamed), then meta.json last with meta['files'] = {name: {bytes, sha256}} of the bytes
+    written (and meta['command'] from cli, if not set). Returns the meta written. A failed write (a full disk)
+    removes the dataset's files and raises PrepareError."""
     os.makedirs(out_dir, exist_ok=True)
     meta_path = os.path.join(out_dir, 'meta.json')
-    if os.path.lexists(meta_path):
-        os.remove(meta_path)
-    files = {}
-    for name, arr in arrays.items():
-        path = os.path.join(out_dir, name)
-        if name.endswith('.npy'):
-            _atomic_write(path, lambda f: np.save(f, arr))
-        else:
-            _atomic_write(path, np.ascontiguousarray(arr).tofile)
-        files[name] = {'bytes': os.path.getsize(path), 'sha256': sha256_file(path)}
-    meta = dict(meta)
-    if PREPARE_COMMAND and 'command' not in meta:
-        meta['command'] = PREPARE_COMMAND
-    meta['files'] = files
-    _atomic_write(meta_path, lambda f: json.dump(meta, f, indent=1), binary=False)
+    lock = os.open(out_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise PrepareError(out_dir, 'another prepare is writing this folder: wait for it to end, then rerun '
+                                        'this one if you still need it') from None
+        if os.path.lexists(meta_path):
+            os.remove(meta_path)
+        files, path = {}, None
+        try:
+            for name, arr in arrays.items():
+                path = os.path.join(out_dir, name)
+                files[name] = _atomic_write(path, lambda f: _write_array(f, name, arr))
+            meta = dict(meta)
+            if PREPARE_COMMAND and 'command' not in meta:
+                meta['command'] = PREPARE_COMMAND
+            meta['files'] = files
+            path = meta_path
+            _atomic_write(meta_path, lambda f: json.dump(meta, f, indent=1), binary=False)
+        except OSError as e:
+            for name in arrays:  # meta.json is gone: the dataset's other files are of no use either
+                if os.path.lexists(os.path.join(out_dir, name)):
+                    os.remove(os.path.join(out_dir, name))
+            why = ('disk full (no space left on the device)' if e.errno == errno.ENOSPC else
+                   _one_line(e.strerror or e))
+            raise PrepareError(path, f'{why}: nothing of this dataset was kept; free some space (or pick another '
+                                     f'--out_dir) and rerun') from None
+    finally:
+        os.close(lock)
     return meta
 
 def write_dataset(out_dir, name, tokenizer, splits, source, label_names=(), chars=None, max_len=None, origins=None):
@@ -533,7 +585,7 @@ def check_dataset(data_dir, verify_hashes=True):
 
 def cli(script, doc, main, src=True, **extras):
     """Parse --src (if src) / --out_dir (+ extras: flag -> argparse kwargs) and run main(args). args also gets
-    name (the script's folder name) and raw_dir (<out_dir>/raw). A --src that is not a directory, a SourceError
+    name (the output folder's name: the dataset's name, its --dataset) and raw_dir (<out_dir>/raw). A --src that is not a directory, a SourceError
     or a PrepareError exits 1 with `error: ...`."""
     global PREPARE_COMMAND
     here = os.path.dirname(os.path.abspath(script))
@@ -546,7 +598,8 @@ def cli(script, doc, main, src=True, **extras):
     args = p.parse_args()
     if src and args.src is not None and not os.path.isdir(args.src):
         sys.exit(f'error: {args.src}: --src is not an existing directory')
-    args.name, args.raw_dir = os.path.basename(here), os.path.join(args.out_dir, 'raw')
+    args.name = os.path.basename(os.path.normpath(os.path.abspath(args.out_dir)))  # the dataset: its folder's name
+    args.raw_dir = os.path.join(args.out_dir, 'raw')
     rel = os.path.relpath(os.path.abspath(script), REPO)
     PREPARE_COMMAND = shlex.join(['python', rel if not rel.startswith('..') else os.path.abspath(script)]
                                  + sys.argv[1:])

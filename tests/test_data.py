@@ -7,6 +7,7 @@ No network is used.
 """
 import contextlib
 import csv
+import errno
 import io
 import json
 import lzma
@@ -323,10 +324,10 @@ def test_wikitext_fixture(tmp_path, name, xz):
              for f in ('wiki.train.raw', 'wiki.valid.raw', 'wiki.test.raw')}
     for f, t in texts.items():
         write_text(tmp_path / f, t, xz)
-    run_prepare(name, '--src', tmp_path, '--out_dir', tmp_path / 'out')
-    meta, data = load(tmp_path / 'out')
+    run_prepare(name, '--src', tmp_path, '--out_dir', tmp_path / name)
+    meta, data = load(tmp_path / name)
     assert meta['tokenizer'] == 'cl100k_base' and meta['dtype'] == 'uint32' and meta['eot_token'] == EOT
-    assert meta['n_classes'] == 0 and meta['name'] == name
+    assert meta['n_classes'] == 0 and meta['name'] == name  # the output folder's name
     for s, f in zip(SPLITS, texts):
         assert data[s].tolist() == tok.encode_ordinary(texts[f])
 
@@ -461,7 +462,7 @@ def test_write_dataset_is_one_unit(tmp_path, monkeypatch):
     log, real = [], common._atomic_write
     def spy(path, write, binary=True):
         log.append((os.path.basename(path), (out / 'meta.json').exists()))
-        real(path, write, binary)
+        return real(path, write, binary)
     monkeypatch.setattr(common, '_atomic_write', spy)
     texts = (['ab', 'cde', 'f'], [0, 1, 1])
     meta = common.write_dataset(str(out), 'ds', 'bytes', {s: texts for s in SPLITS}, 'fixture', label_names=['a', 'b'])
@@ -470,17 +471,71 @@ def test_write_dataset_is_one_unit(tmp_path, monkeypatch):
     assert sorted(names[:-1]) == sorted(meta['files']) == sorted(f'{s}{x}' for s in SPLITS
                                                                  for x in ('.bin', '.idx.npy', '.labels.npy'))
     assert json.loads((out / 'meta.json').read_text()) == meta and common.check_dataset(str(out)) == meta
-    # a failure while writing leaves no meta.json behind (so check_dataset refuses the half-written set)
-    def full(path, write, binary=True):
-        if path.endswith('val.bin'):
-            raise OSError('disk full')
-        real(path, write, binary)
-    monkeypatch.setattr(common, '_atomic_write', full)
-    with pytest.raises(OSError):
+    assert all(meta['files'][f] == {'bytes': os.path.getsize(out / f), 'sha256': common.sha256_file(out / f)}
+               for f in meta['files'])  # the stamp of the bytes written is the files' own
+
+
+@pytest.mark.parametrize('err, msg', [(errno.ENOSPC, 'disk full (no space left on the device)'),
+                                      (errno.EACCES, 'Permission denied')])
+def test_write_failure_leaves_nothing(tmp_path, monkeypatch, err, msg):
+    """A full disk while writing val.bin: one line naming the file; no train.bin, no .tmp, no meta.json left."""
+    out = tmp_path / 'ds'
+    out.mkdir()
+    (out / 'test.bin').write_bytes(b'\0\0')  # an earlier prepare's file: of no use without its meta.json
+    real = common._write_array
+    def full(f, name, arr):
+        if name == 'val.bin':
+            f.write(b'\0' * 10)
+            raise OSError(err, os.strerror(err))
+        return real(f, name, arr)
+    monkeypatch.setattr(common, '_write_array', full)
+    with pytest.raises(common.PrepareError) as e:
         common.write_files(str(out), {f'{s}.bin': np.zeros(3, np.uint16) for s in SPLITS}, {'name': 'ds'})
-    assert not (out / 'meta.json').exists()
+    assert str(e.value) == (f"{out / 'val.bin'}: {msg}: nothing of this dataset was kept; free some space (or pick "
+                            f"another --out_dir) and rerun")
+    assert os.listdir(out) == []
     with pytest.raises(common.DatasetError, match='meta.json: missing'):
         common.check_dataset(str(out))
+
+
+def test_full_disk_in_a_prepare_script(tmp_path, monkeypatch):
+    def full(f, name, arr):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(common, '_write_array', full)
+    p = run_prepare('needle', '--out_dir', tmp_path / 'n', '--n_train', 8, '--n_val', 4, '--n_test', 4, check=False)
+    assert p.returncode == 1 and p.stderr == (f"error: {tmp_path / 'n' / 'train.bin'}: disk full (no space left on "
+                                              f"the device): nothing of this dataset was kept; free some space (or "
+                                              f"pick another --out_dir) and rerun\n"), p.stderr
+    assert os.listdir(tmp_path / 'n') == []
+
+
+def test_two_prepares_at_once(tmp_path, monkeypatch):
+    """A second prepare into a folder that another is writing stops with one line; the first finishes a
+    dataset that passes its stamp check, all of it its own (both once wrote the same <file>.tmp)."""
+    out, real, second = tmp_path / 'ds', common._write_array, []
+    arrays = lambda v: {f'{s}.bin': np.full(5, v, np.uint16) for s in SPLITS}
+    meta = lambda v: {'name': 'ds', 'vocab_size': 10, 'dtype': 'uint16', 'format': 'lm',
+                      'counts': {s: {'tokens': 5, 'docs': 1} for s in SPLITS}}
+    def interleaved(f, name, arr):
+        if name == 'val.bin' and not second:  # the first prepare is half way: a second one starts
+            with pytest.raises(common.PrepareError) as e:
+                common.write_files(str(out), arrays(2), meta(2))
+            second.append(str(e.value))
+        return real(f, name, arr)
+    monkeypatch.setattr(common, '_write_array', interleaved)
+    common.write_files(str(out), arrays(1), meta(1))
+    assert second == [f'{out}: another prepare is writing this folder: wait for it to end, then rerun this one if you '
+                      f'still need it']
+    assert common.check_dataset(str(out))['files'] and all(
+        np.fromfile(out / f'{s}.bin', np.uint16).tolist() == [1] * 5 for s in SPLITS)
+    assert sorted(os.listdir(out)) == ['meta.json', 'test.bin', 'train.bin', 'val.bin']
+
+
+def test_dataset_named_after_its_folder(tmp_path):
+    write_text(tmp_path / 'input.txt', 'hello world, the tiny text. ' * 20)
+    run_prepare('shakespeare_char', '--src', tmp_path, '--out_dir', tmp_path / 'tiny')
+    assert json.loads((tmp_path / 'tiny' / 'meta.json').read_text())['name'] == 'tiny'
+
 
 @pytest.fixture(scope='module')
 def needle_dir(tmp_path_factory):

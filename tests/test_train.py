@@ -687,3 +687,25 @@ def test_resume_takes_the_model_from_the_checkpoint(lm_run, lm_dir, tmp_path):
                                                      'max_iters': [12, 14]}}]
     log = [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
     assert [e['lr'] for e in log if e.get('iter') == 12 and 'lr' in e][0] < 1e-3
+
+
+def test_data_rewritten_under_a_running_job(lm_run, lm_dir, tmp_path, monkeypatch):
+    """A prepare that rewrites the dataset while a run trains on it (new files under the same names) does not
+    change what the run reads: it trains and tests on the data it started with (the stamp it records)."""
+    data = shutil.copytree(lm_dir, tmp_path / 'data')
+    real, calls = loader.LM.train_batch, []
+
+    def rewrite_at_the_third_batch(self, order, bs):
+        calls.append(1)
+        if len(calls) == 3:
+            arrays = {k: (v[::-1] + 1) % len(char_ids(TEXT)[1]) for k, v in lm_arrays().items()}
+            write_data(data, arrays, name='tiny_char', format='lm', tokenizer='char',
+                       vocab_size=len(char_ids(TEXT)[1]), chars=char_ids(TEXT)[1])
+        return real(self, order, bs)
+    monkeypatch.setattr(loader.LM, 'train_batch', rewrite_at_the_third_batch)
+    ok(train(*LM, f'--data_dir={data}', f'--out_dir={tmp_path / "out"}', '--max_iters=12'))
+    assert len(calls) == 12 and json.loads((data / 'meta.json').read_text())['files'] != json.loads(
+        (lm_dir / 'meta.json').read_text())['files']  # the dataset on disk is another one now
+    assert train_losses(tmp_path / 'out') == train_losses(lm_run[0])  # as if nothing had happened
+    ref, m = (json.loads((d / 'metrics.json').read_text()) for d in (lm_run[0], tmp_path / 'out'))
+    assert m['test'] == ref['test'] and m['best_val'] == ref['best_val']

@@ -121,7 +121,6 @@ def make_mqar(n, seq_len=512, n_pairs=64, vocab_size=8192, alpha=0.01, seed=0, s
 def main(args):
     t0 = time.time()
     out_dir = os.path.abspath(args.out_dir)
-    name = os.path.basename(os.path.normpath(out_dir))
     sizes = {'train': args.n_train, 'val': args.n_val, 'test': args.n_test}
     for split, n in sizes.items():
         if n < 1:
@@ -142,7 +141,7 @@ def main(args):
                  'key_range': [1, args.vocab_size // 2], 'value_range': [args.vocab_size // 2, args.vocab_size],
                  'gap_law': '(g + 1) ** (alpha - 1), g in [0, (seq_len - 2 n_pairs) // 2)',
                  'split_streams': STREAMS, 'block_rows': BLOCK, **{f'n_{s}': sizes[s] for s in sizes}}
-    meta = {'name': name, 'format': 'seq', 'tokenizer': 'ids', 'vocab_size': args.vocab_size,
+    meta = {'name': args.name, 'format': 'seq', 'tokenizer': 'ids', 'vocab_size': args.vocab_size,
             'dtype': arrays['train.bin'].dtype.name, 'target_dtype': arrays['train.targets.bin'].dtype.name,
             'seq_len': args.seq_len, 'n_pairs': args.n_pairs, 'alpha': args.alpha, 'counts': counts,
             'eot_token': None, 'pad_token': None, 'n_classes': 0, 'label_names': [],

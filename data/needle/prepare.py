@@ -61,7 +61,6 @@ SPLIT_SEED_OFFSET = {'train': 0, 'val': 2, 'test': 1}  # train.py's old in-proce
 def main(args):
     t0 = time.time()
     out_dir = os.path.abspath(args.out_dir)
-    name = os.path.basename(os.path.normpath(out_dir))
     gen = dict(seq_len=args.seq_len, vocab_size=args.vocab_size, noise_lo=args.noise_lo,
                needle_span=tuple(args.span), n_classes=args.n_classes, ids_per_class=args.ids_per_class,
                first_id=args.first_id)
@@ -86,7 +85,7 @@ def main(args):
         label_counts[split] = np.bincount(arrays[f'{split}.labels.npy'], minlength=args.n_classes).tolist()
     generator = {'script': 'data/needle/prepare.py', 'function': 'make_needle', **gen, 'needle_span': list(args.span),
                  'seed': args.seed, 'split_seeds': seeds, **{f'n_{s}': sizes[s] for s in sizes}}
-    meta = {'name': name, 'format': 'classify', 'tokenizer': 'ids', 'vocab_size': args.vocab_size,
+    meta = {'name': args.name, 'format': 'classify', 'tokenizer': 'ids', 'vocab_size': args.vocab_size,
             'dtype': np.dtype(dtype).name, 'eot_token': None, 'pad_token': None, 'n_classes': args.n_classes,
             'label_names': [f'class{i}' for i in range(args.n_classes)], 'counts': counts,
             'source': 'synthetic: data/needle/prepare.py (see generator)', 'generator': generator}
