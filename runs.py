@@ -50,6 +50,8 @@ def check_settings(c, origins=None):
          "max_epochs counts passes over the examples of task 'classify' or 'seq': task 'lm' runs max_iters"),
         (not (c['max_epochs'] and flag('max_epochs') and flag('max_iters')),
          "--max_iters and --max_epochs both set the length of the run: give one"),
+        (c['task'] == 'seq' or c['block_size'] >= 2, f"block_size must be >= 2 (a window of one token has no "
+         f"context to learn from), got {c['block_size']}"),
         (c['task'] == 'classify' or c['readout'] == 'last',
          f"readout={c['readout']!r} is a classifier's read-out: it needs task 'classify', not {c['task']!r}"),
         (c['mixer'] != 'attention' or c['cache_size'] == 0 or not flag('cache_size'),

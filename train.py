@@ -60,13 +60,14 @@ dataset = 'shakespeare_char'
 data_dir = ''                # '' = data/<dataset> next to this file
 batch_size = 12              # micro-batch size per process
 block_size = 64              # lm: window length; classify: truncation length; seq: the data's seq_len
+cache_explore = 16           # R, a MIPTConfig field: at most block_size // 4 (R >= block_size trains densely)
 gradient_accumulation_steps = 1  # total over all DDP processes
 max_epochs = 0               # classify/seq: > 0 sets max_iters to max_epochs passes over train
 stop_at = 0.0                # classify/seq: end training (then test) once val accuracy reaches this; 0 = off
 max_minutes = 0.0            # > 0: training ends (eval, best checkpoint, test) after this many minutes of this process
 vocab_multiple = 1           # lm/seq: pad the vocabulary up to a multiple of this (64: 100277 -> 100288)
 # model: every MIPTConfig field is a key, with MIPTConfig's default (vocab_size and n_classes come from
-# the data; block_size is set above); mixer='attention' is the Transformer twin
+# the data; block_size and cache_explore are set above); mixer='attention' is the Transformer twin
 peer = ''                    # '' | 'gla' | 'gated_deltanet' | 'mamba2' | 'hgrn': an fla layer as every block's mixer
 # optimizer: AdamW (weight_decay=0.0 is Adam)
 learning_rate = 2e-3
@@ -171,6 +172,9 @@ if task != 'lm':
     n_cut = data.n_cut(block_size)
     if n_cut and master:
         print(f"note: {n_cut} of {data.n_train} training documents are longer than block_size={block_size} and cut")
+if decay_lr and warmup_iters > max_iters > 0 and master:
+    print(f"warning: warmup_iters={warmup_iters} > max_iters={max_iters}: the run ends during the warmup, below "
+          f"learning_rate={learning_rate}")
 model_args = {f.name: config[f.name] for f in dataclasses.fields(MIPTConfig) if f.name in config}
 V = meta['vocab_size']
 model_args.update(vocab_size=V if task == 'classify' else -(-V // config['vocab_multiple']) * config['vocab_multiple'],
@@ -182,7 +186,8 @@ try:
 except (TypeError, ValueError) as e:
     die(f"invalid model config: {e}", 2)
 logits_per_token = 1 if task == 'classify' else model_config.vocab_size  # eval batches: <= 65536 tokens, 2^28 logits
-eval_bs = eval_batch_size or max(batch_size, min(65536, 2**28 // logits_per_token) // block_size)
+# rows of ~65k tokens, at most 1024: below 64 tokens a row costs about as much as a row of 64
+eval_bs = eval_batch_size or max(batch_size, min(65536, 2**28 // logits_per_token) // max(block_size, 64))
 R = model_config.cache_explore
 if master and model_config.mixer == 'mipt' and not peer and model_config.cache_size != 0 and (R == -1 or R >= block_size):
     print(f"warning: cache_explore={R} {'(all)' if R == -1 else f'>= block_size={block_size}'}: in training every "
@@ -377,14 +382,23 @@ while True:
     lr = runs.lr_at(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters or max_iters, decay_lr)
     for group in optimizer.param_groups:
         group['lr'] = lr
-    for micro in range(gradient_accumulation_steps):
-        x, y, lengths = data.train_batch(order, batch_size)
-        with model.no_sync() if ddp and micro < gradient_accumulation_steps - 1 else nullcontext():  # DDP: sync last
-            with ctx:
-                _, loss = model(x, y, lengths=lengths)
-                loss = loss / gradient_accumulation_steps
-            scaler.scale(loss).backward()
-        loss_sum, n_tok = loss_sum + loss.detach(), n_tok + x.numel()
+    before = None if ddp else runs.rng_state(device, order)  # to stop as between steps if a signal breaks this one
+    try:
+        for micro in range(gradient_accumulation_steps):
+            x, y, lengths = data.train_batch(order, batch_size)
+            with model.no_sync() if ddp and micro < gradient_accumulation_steps - 1 else nullcontext():  # sync last
+                with ctx:
+                    _, loss = model(x, y, lengths=lengths)
+                    loss = loss / gradient_accumulation_steps
+                scaler.scale(loss).backward()
+            loss_sum, n_tok = loss_sum + loss.detach(), n_tok + x.numel()
+    except Exception as e:  # e.g. torch.compile's compiler, killed by the same Ctrl-C / SIGTERM
+        if not stop_requested or before is None:
+            raise
+        optimizer.zero_grad(set_to_none=True)
+        runs.set_rng_state(before, device, order, seed, iter_num)
+        pbar.close()
+        stop(f"at iter {iter_num} (the signal broke that step: {type(e).__name__})")
     if grad_clip > 0.0:
         scaler.unscale_(optimizer)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

@@ -401,6 +401,8 @@ BAD = [
     ('readout_lm', ['--readout=mean'], 2, "readout='mean' is a classifier's read-out: it needs task 'classify', "
      "not 'lm'", True),
     ('seed', ['--seed=-1'], 2, 'seed must be in [0, 2**32), got -1', True),
+    ('block_size_1', ['--block_size=1'], 2, 'block_size must be >= 2 (a window of one token has no context to learn '
+     'from), got 1', True),
     ('out_dir_empty', ['--out_dir='], 2, "out_dir must name a folder, got ''", True),
     ('min_lr', ['--min_lr=0.1', '--learning_rate=0.01'], 2, 'min_lr=0.1 exceeds learning_rate=0.01: the schedule '
      'decays', True),
@@ -709,3 +711,36 @@ def test_data_rewritten_under_a_running_job(lm_run, lm_dir, tmp_path, monkeypatc
     assert train_losses(tmp_path / 'out') == train_losses(lm_run[0])  # as if nothing had happened
     ref, m = (json.loads((d / 'metrics.json').read_text()) for d in (lm_run[0], tmp_path / 'out'))
     assert m['test'] == ref['test'] and m['best_val'] == ref['best_val']
+
+
+def test_signal_that_breaks_a_step(lm_run, lm_dir, tmp_path, monkeypatch):
+    """A Ctrl-C / SIGTERM that also breaks the step under way (torch.compile's compiler killed with the process
+    group: an exception out of the forward) stops the run as between steps: ckpt_last.pt, exit 0, an exact
+    resume."""
+    real, calls = loader.LM.train_batch, []
+
+    def broken_by_the_signal(self, order, bs):
+        batch = real(self, order, bs)
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise RuntimeError('the compile worker died')
+        return batch
+    monkeypatch.setattr(loader.LM, 'train_batch', broken_by_the_signal)
+    r = ok(train(*LM, f'--data_dir={lm_dir}', f'--out_dir={tmp_path}', '--max_iters=12'))
+    assert 'stopped at iter 2 (the signal broke that step: RuntimeError): saved' in r.out
+    assert torch.load(tmp_path / 'ckpt_last.pt', weights_only=True)['iter_num'] == 2
+    monkeypatch.undo()
+    ok(train(*LM, f'--data_dir={lm_dir}', f'--out_dir={tmp_path}', '--max_iters=12', '--init_from=resume'))
+    assert train_losses(tmp_path) == train_losses(lm_run[0])
+
+
+def test_warnings(lm_dir, tmp_path):
+    """The default settings train without a warning; a run shorter than its warmup, or one whose exploration
+    covers every position, says so."""
+    r = ok(train('--device=cpu', f'--data_dir={lm_dir}', f'--out_dir={tmp_path / "a"}', '--max_iters=0'))
+    assert not [line for line in (r.out + r.err).splitlines() if line.startswith(('warning', 'note'))]
+    r = ok(train(*TINY, f'--data_dir={lm_dir}', f'--out_dir={tmp_path / "b"}', '--max_iters=1', '--warmup_iters=5',
+                 '--cache_explore=-1'))
+    assert 'warning: warmup_iters=5 > max_iters=1: the run ends during the warmup, below learning_rate=' in r.out
+    assert 'warning: cache_explore=-1 (all): in training every query also attends' in r.out
