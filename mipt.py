@@ -18,8 +18,11 @@ at a time with O(1) state.
 Tokens measured hard are "facts": a causal sparse cache keeps the K tokens with the highest score
 s_t = mean_d p_t and every position reads it with attention, fused into y through a sigmoid gate.
 Decoding then needs O(D) state plus an O(K D) cache per layer, where a Transformer needs O(T D).
-Selection itself has no gradient; in training, R random earlier positions are attended beside the
-cache (with the same log s_j bias), so that p also learns about tokens the cache has not caught yet.
+Selection itself has no gradient, so training gives the scores a signal of their own (cache_signal):
+R earlier positions attended beside the cache, drawn uniformly or by s ('explore', 'weighted'), or soft
+selection over every earlier position ('dense'; with p_penalty as a capacity cost, so that few tokens keep a
+high score), or 'mixed', a coin per training step between 'dense' and 'explore'. Every position is scored
+with the same log s_j bias. Eval and decoding always read the exact cache.
 
 Glossary (code name: paper symbol, shape)
     logit   W_p x_t + bias           pre-sigmoid measurement, (B, T, D); its bias starts at
@@ -37,6 +40,9 @@ Glossary (code name: paper symbol, shape)
     end     cache_intervals          token j is in the cache of queries j <= i < end_j, (B, T)
     R       cache_explore            training only: random earlier positions each query also attends to
                                      (-1: all of them, i.e. dense soft selection, None inside; 0: off)
+    signal  cache_signal             training only, how s learns what to keep: 'explore' (R uniform
+                                     draws), 'weighted' (R draws by s, Gumbel-top-R), 'dense' (every j <= i),
+                                     'mixed' (dense or explore, a coin per step)
     readout readout                  classifier: 'last' reads the final hidden state at the last real
                                      token; 'mean' its running mean over positions (the paper's demo)
     state   DecodeState              decoding: per layer a MIPTState (h (B, D) complex, s (B,), cache:
@@ -78,6 +84,7 @@ class MIPTConfig:
     cache_tau: float = 0.0       # tau: eligible when s_t > tau
     cache_chunk: int = 128       # L: query chunk of the exact causal cache in training
     cache_explore: int = 64      # R: exploration candidates per query in training (0 off, -1 all)
+    cache_signal: str = 'explore'  # training: 'explore' | 'weighted' | 'dense' | 'mixed' (see the glossary)
     p_init: float = 0.1          # initial measurement rate
     p_penalty: float = 0.0       # optional sparsity penalty on s, added to the loss
     n_classes: int = 0           # 0 = language model, > 0 = classifier
@@ -97,7 +104,8 @@ class MIPTConfig:
                   f"{f.name} must be {f.type.__name__}, got {v!r} ({type(v).__name__})")
         for name, allowed in [('mixer', ('mipt', 'attention')), ('attn_impl', ('sdpa', 'naive')),
                               ('scan_impl', ('auto', 'torch', 'cuda')), ('cache_impl', ('auto', 'torch', 'triton')),
-                              ('readout', ('last', 'mean'))]:
+                              ('readout', ('last', 'mean')),
+                              ('cache_signal', ('explore', 'weighted', 'dense', 'mixed'))]:
             *some, last = [repr(a) for a in allowed]
             v = getattr(self, name)
             _need(v in allowed, f"{name} must be {', '.join(some)} or {last}, got {v!r}")
@@ -441,12 +449,13 @@ def cache_intervals(cand, member, T):
 def add_exploration(noise, R, L, cand, end):
     """Training only: beside the exact cache, each query also attends to R random positions j <= i.
 
-    They are drawn as a second "cache" over the uniform random keys noise (B, T) (a causal reservoir
-    sample: the top-R of random keys among j <= i is a uniform R-subset), so select_cache builds them and
+    They are drawn as a second "cache" over the random keys noise (B, T) (a causal reservoir sample: the
+    top-R of uniform keys among j <= i is a uniform R-subset; of log s_j + Gumbel keys, a draw without
+    replacement with probability by s_j), so select_cache builds them and
     causality holds by construction. R = None attends to every earlier position (dense soft selection).
     Both are intervals that start at j, so their union is one: end_j is the later of the two ends. An
     explored token already in a chunk's carried cache is listed once. Returns the widened (cand, end)."""
-    xcand, xend = cache_intervals(*select_cache(noise, R, -1.0, L), noise.shape[1])
+    xcand, xend = cache_intervals(*select_cache(noise, R, -math.inf, L), noise.shape[1])
     Kc, Rc = cand.shape[2] - L, xcand.shape[2] - L
     carry, xcarry = cand[..., :Kc], xcand[..., :Rc]                                  # (B, C, Kc), (B, C, Rc)
     twice = (xcarry[..., :, None] == carry[..., None, :]).any(-1)                    # (B, C, Rc)
@@ -483,6 +492,25 @@ def cache_attention_torch(q, k, v, log_s, end, cand, null_k, null_v, L):
     return att.transpose(1, 2).reshape(B, C * L, H, hd)[:, :T]
 
 
+def cache_attention_dense(q, k, v, log_s, null_k, null_v):
+    """Soft selection, the 'dense' training signal: query i attends to the null slot and to every j <= i, with
+    log s_j added to the logit, so that every score gets a gradient. One causal attention call (FlashAttention on a
+    GPU: no (T, T) tensor is kept) with log s_j carried in an extra key channel: q' = [q, sqrt(hd)], k' = [k, log s],
+    so that q' k' / sqrt(hd) = q k / sqrt(hd) + log s_j; 8 extra channels keep the head size a multiple of 8. The
+    null slot is a key before position 0, seen by every query (a dummy query in front keeps the causal mask square).
+    q, k, v (B, T, H, hd); log_s (B, T). Returns (B, T, H, hd), as cache_attention_torch with every j <= i visible."""
+    B, T, H, hd = q.shape
+    e = 8
+    q_extra = F.pad(q.new_full((B, T, H, 1), math.sqrt(hd)), (0, e - 1))
+    k_extra = F.pad(log_s[:, :, None, None].expand(B, T, H, 1).to(k.dtype), (0, e - 1))
+    q2 = F.pad(torch.cat([q, q_extra], -1), (0, 0, 0, 0, 1, 0))                       # (B, 1+T, H, hd+e)
+    k2 = torch.cat([F.pad(null_k.to(k.dtype), (0, e)).expand(B, 1, H, hd + e), torch.cat([k, k_extra], -1)], 1)
+    v2 = F.pad(torch.cat([null_v.to(v.dtype).expand(B, 1, H, hd), v], 1), (0, e))   # (B, 1+T, H, hd+e)
+    att = F.scaled_dot_product_attention(q2.transpose(1, 2), k2.transpose(1, 2), v2.transpose(1, 2),
+                                         is_causal=True, scale=1 / math.sqrt(hd))   # (B, H, 1+T, hd+e)
+    return att.transpose(1, 2)[:, 1:, :, :hd]
+
+
 class SparseCache(nn.Module):
     """Reads the cache with multi-head attention and fuses it into y: out = y + g * attend(q, cache).
 
@@ -493,7 +521,7 @@ class SparseCache(nn.Module):
         super().__init__()
         D, H = config.n_embd, config.n_head
         self.n_head, self.K, self.R, self.tau, self.L = H, config.K, config.R, config.cache_tau, config.cache_chunk
-        self.impl = config.cache_impl
+        self.impl, self.signal = config.cache_impl, config.cache_signal
         self.qkv = nn.Linear(D, 3 * D, bias=config.bias)
         self.gate = nn.Linear(D, D, bias=config.bias)
         self.proj = nn.Linear(D, D, bias=config.bias)
@@ -502,19 +530,30 @@ class SparseCache(nn.Module):
 
     def plan(self, s):
         """Who attends to whom, (cand, end): the exact causal cache, which eval and decoding read, widened in
-        training by the selection signal: R random earlier positions per query (exploration)."""
-        noise = torch.rand_like(s, dtype=torch.float32) if self.training and self.R != 0 else None
+        training by R earlier positions per query, drawn uniformly ('explore') or by s ('weighted')."""
+        noise = None
+        if self.training and self.R != 0:
+            noise = torch.rand_like(s, dtype=torch.float32)                                 # (B, T)
+            if self.signal == 'weighted':  # Gumbel-top-R over log s: R draws without replacement, by s
+                noise = torch.log(s.float().clamp(min=1e-30)) - torch.log(-torch.log(noise.clamp(1e-12, 1 - 1e-7)))
         return kernels().cache_plan(s, self.K, self.tau, self.L, self.R, noise, impl=self.impl, reference=cache_plan)
+
+    def soft(self):
+        """Whether this training step reads by soft selection ('dense', or 'mixed' on heads of its coin)."""
+        return self.training and (self.signal == 'dense' or self.signal == 'mixed' and bool(torch.rand(()) < 0.5))
 
     def forward(self, y, s, want_state=False):
         # y (B, T, D) the scan output, s (B, T) scores
         B, T, D = y.shape
         H, hd, L = self.n_head, D // self.n_head, self.L
-        cand, end = self.plan(s.detach())
         q, k, v = self.qkv(y).view(B, T, 3, H, hd).unbind(2)              # (B, T, H, hd) each
         log_s = torch.log(s.clamp(min=1e-30))                              # (B, T)
-        att = kernels().cache_readout(q, k, v, log_s, end, cand, self.null_k, self.null_v, L, impl=self.impl,
-                                      reference=cache_attention_torch).reshape(B, T, D)
+        if self.soft():  # every j <= i, eligible or not: tau then acts at eval and in decoding alone
+            att = cache_attention_dense(q, k, v, log_s, self.null_k, self.null_v).reshape(B, T, D)
+        else:
+            cand, end = self.plan(s.detach())
+            att = kernels().cache_readout(q, k, v, log_s, end, cand, self.null_k, self.null_v, L, impl=self.impl,
+                                          reference=cache_attention_torch).reshape(B, T, D)
         out = y + torch.sigmoid(self.gate(y)) * self.proj(att)
         if not want_state:
             return out, None

@@ -1,0 +1,146 @@
+"""The cache's training signal (cache_signal): what reaches the scores, the dense read-out against the reference,
+causality in training, and eval == step whatever the signal."""
+import math
+
+import pytest
+import torch
+
+import mipt
+from mipt import MIPT, MIPTConfig, SparseCache, cache_attention_dense, cache_attention_torch, cache_plan
+
+SIGNALS = ('explore', 'weighted', 'dense', 'mixed')
+
+
+def _inputs(B, T, H, hd, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, T, H, hd, generator=g, dtype=dtype).requires_grad_() for _ in range(3))
+    log_s = torch.log(torch.rand(B, T, generator=g, dtype=dtype)).requires_grad_()
+    null_k, null_v = (torch.randn(H, hd, generator=g, dtype=dtype).requires_grad_() for _ in range(2))
+    return q, k, v, log_s, null_k, null_v
+
+
+@pytest.mark.parametrize('T,L', [(1, 4), (37, 8), (64, 16), (29, 128)])
+def test_dense_readout_equals_reference_values_and_gradients(T, L):
+    # every j <= i visible: the unbounded cache with every token eligible (tau below any score), no exploration
+    q, k, v, log_s, null_k, null_v = _inputs(2, T, 3, 8, seed=T)
+    cand, end = cache_plan(log_s.detach().exp(), None, -1.0, L, 0, None)
+    ref = cache_attention_torch(q, k, v, log_s, end, cand, null_k, null_v, L)
+    out = cache_attention_dense(q, k, v, log_s, null_k, null_v)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(ref)
+    args = (q, k, v, log_s, null_k, null_v)
+    for a, b in zip(torch.autograd.grad((ref * g).sum(), args), torch.autograd.grad((out * g).sum(), args)):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10)
+
+
+def test_dense_readout_gradcheck():
+    args = _inputs(1, 5, 2, 4, seed=3)
+    assert torch.autograd.gradcheck(cache_attention_dense, args)
+
+
+def _cache(signal, K=1, R=0, seed=0):
+    torch.manual_seed(seed)
+    return SparseCache(MIPTConfig(n_embd=16, n_head=2, cache_size=K, cache_explore=R, cache_chunk=4,
+                                  cache_signal=signal)).double().train()
+
+
+@pytest.mark.parametrize('signal', SIGNALS)
+def test_which_scores_get_a_gradient(signal):
+    # K=1 and no exploration: the best token (position 0) alone is cached, by a wide margin, at every query
+    torch.manual_seed(1)
+    B, T, D = 2, 12, 16
+    y = torch.randn(B, T, D, dtype=torch.float64)
+    s = torch.full((B, T), 0.1, dtype=torch.float64)
+    s[:, 0] = 0.9
+    s.requires_grad_()
+    cache = _cache(signal)
+    torch.manual_seed(0)  # 'mixed': the coin of this step
+    soft = cache.soft()
+    torch.manual_seed(0)
+    out, _ = cache(y, s)
+    grad, = torch.autograd.grad(out.pow(2).sum(), s)
+    uncached = grad[:, 1:]
+    assert grad[:, 0].abs().min() > 0
+    if signal == 'dense' or signal == 'mixed' and soft:
+        assert uncached.abs().min() > 0          # every uncached, unsampled token's score learns
+    else:
+        assert uncached.abs().max() == 0         # only what the plan attends to
+
+
+def test_mixed_takes_both_paths():
+    cache = _cache('mixed')
+    torch.manual_seed(0)
+    coins = {cache.soft() for _ in range(40)}
+    assert coins == {True, False}
+    assert not cache.eval().soft()
+
+
+@pytest.mark.parametrize('signal', SIGNALS)
+def test_training_is_causal(signal):
+    B, T, D = 2, 19, 16
+    cache = _cache(signal, K=2, R=3)
+    y = torch.randn(B, T, D, dtype=torch.float64)
+    s = torch.rand(B, T, dtype=torch.float64)
+    y2, s2 = y.clone(), s.clone()
+    t = 9
+    y2[:, t + 1:] = torch.randn(B, T - t - 1, D, dtype=torch.float64)
+    s2[:, t + 1:] = torch.rand(B, T - t - 1, dtype=torch.float64)
+    torch.manual_seed(5)
+    a, _ = cache(y, s)
+    torch.manual_seed(5)  # the same draws: exploration keys of positions <= t, the coin
+    b, _ = cache(y2, s2)
+    torch.testing.assert_close(a[:, :t + 1], b[:, :t + 1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('signal', SIGNALS)
+def test_eval_equals_step_after_training_with_the_signal(signal):
+    torch.manual_seed(0)
+    cfg = MIPTConfig(vocab_size=11, block_size=32, n_layer=2, n_embd=16, n_head=2, cache_size=3, cache_explore=4,
+                     cache_chunk=8, cache_signal=signal, p_penalty=0.5)
+    model = MIPT(cfg).double()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randint(0, 11, (3, 23))
+    for _ in range(3):
+        _, loss = model(x, targets=x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        logits, _ = model(x)
+        state = model.init_state(3)
+        steps = []
+        for t in range(x.shape[1]):
+            lt, state = model.step(x[:, t], state)
+            steps.append(lt)
+    torch.testing.assert_close(torch.stack(steps, 1), logits, rtol=1e-9, atol=1e-9)
+
+
+def test_bad_signal_is_one_line():
+    with pytest.raises(ValueError, match="cache_signal must be 'explore', 'weighted', 'dense' or 'mixed', got 'soft'"):
+        MIPTConfig(cache_signal='soft')
+
+
+def test_weighted_draws_follow_the_scores():
+    # one draw (R=1) per query; position 3 holds nearly all of s but is not eligible for the exact cache (tau)
+    s = torch.full((1, 8), 1e-6, dtype=torch.float64)
+    s[0, 3] = 0.5
+    hits = {}
+    for signal in ('weighted', 'explore'):
+        torch.manual_seed(0)
+        cache = SparseCache(MIPTConfig(n_embd=16, n_head=2, cache_size=1, cache_explore=1, cache_chunk=4,
+                                       cache_tau=0.6, cache_signal=signal)).train()
+        hits[signal] = 0
+        for _ in range(50):
+            cand, end = cache.plan(s)
+            hits[signal] += bool(((cand[0, -1] == 3) & (end[0, 3] > 7)).any())
+    assert hits['weighted'] >= 48 and hits['explore'] <= 20
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+def test_dense_readout_on_gpu_bf16_against_float64():
+    q, k, v, log_s, null_k, null_v = (t.detach().cuda() for t in _inputs(2, 1000, 4, 16, seed=7))
+    ref = cache_attention_dense(q, k, v, log_s, null_k, null_v)
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        out = cache_attention_dense(*(t.bfloat16() for t in (q, k, v)), log_s.float(), null_k.float(), null_v.float())
+    assert (out.double() - ref).abs().max() < 0.05
