@@ -8,6 +8,10 @@
 #   SET long   : the needle anywhere in N=2048 (MIPT K=16, R=512, 1 layer, 3 seeds; the twin, seed 1)
 #   SET lm     : the language models with and without the signal (shakespeare_char baby GPT; IMDB LM at
 #                1000 iterations, K=64)
+#   SET signal : the training signals (cache_signal) compared on val at four needle placements/lengths/vocabularies
+#                (anywhere in 512 K=4, anywhere in 2048 K=16, first 10% of 1024 K=4, vocabulary 2000 K=4), seeds 1-2
+#   SET goals  : the recall goals with SIGNAL (e.g. SIGNAL="--cache_signal=dense --p_penalty=1.0"), seeds 1-5, the
+#                twin beside each row; then python results/needle_eval.py RUNS/* --lengths=8192,32768
 #   SET mqar   : MQAR (Zoology), d_model 128, 2 layers, at each (L, N) of SIZES: MIPT K=0/N/2N, the twin, and the
 #                flash-linear-attention peers (shrunk budget: MINUTES of wall time, EPOCHS, one lr per LRS; RESULTS.md, MQAR)
 # The data: python data/needle/prepare.py; python data/needle/prepare.py --seq_len 2048 --span 0.0 1.0
@@ -39,6 +43,43 @@ if [ "$set" = lm ]; then
   cmds+=("$PY train.py config/train_shakespeare_char.py --out_dir=$root/shakespeare-K16-R64")
   lm="config/lm_imdb.py --max_iters=1000 --lr_decay_iters=1000 --warmup_iters=100 --eval_interval=100 --cache_size=64"
   for R in 0 64; do cmds+=("$PY train.py $lm --cache_explore=$R --out_dir=$root/lmimdb-K64-R$R"); done
+fi
+prep() {  # a needle dataset in data/<name>, made once
+  [ -f "data/$1/meta.json" ] || $PY data/needle/prepare.py "${@:2}" --out_dir "data/$1" > /dev/null
+}
+nd() { echo "config/needle.py --dataset=$1 --block_size=$2"; }
+if [ "$set" = signal ]; then
+  prep needle_a512 --span 0.0 1.0; prep needle_a2048 --seq_len 2048 --span 0.0 1.0
+  prep needle_f1024 --seq_len 1024; prep needle_v2000 --vocab_size 2000 --n_classes 8
+  for seed in 1 2; do
+    for sig in "explore" "weighted" "dense --p_penalty=0.0" "dense --p_penalty=1.0" "mixed --p_penalty=1.0"; do
+      tag=${sig// --p_penalty=/-pen}
+      for c in "a512 512 4" "a2048 2048 16" "f1024 1024 4" "v2000 512 4"; do
+        set -- $c
+        cmds+=("$PY train.py $(nd needle_$1 $2) --cache_size=$3 --cache_signal=$sig --seed=$seed --out_dir=$root/signal-$1-$tag-s$seed")
+      done
+    done
+  done
+fi
+if [ "$set" = goals ]; then
+  prep needle_a512 --span 0.0 1.0; prep needle_a2048 --seq_len 2048 --span 0.0 1.0
+  prep needle_a8192 --seq_len 8192 --span 0.0 1.0; prep needle; prep needle_v5000 --vocab_size 5000 --n_classes 16
+  prep needle_v300c8 --n_classes 8 --ids_per_class 5
+  sig=${SIGNAL:?SIGNAL: the flags of the chosen signal}
+  for seed in 1 2 3 4 5; do
+    for c in "a512 needle_a512 512 4" "a2048 needle_a2048 2048 16" "a8192 needle_a8192 8192 16" "demoK1 needle 512 1" \
+             "demoK4 needle 512 4" "v5000 needle_v5000 512 4" "v300c8 needle_v300c8 512 4"; do
+      set -- $c
+      cmds+=("$PY train.py $(nd $2 $3) --cache_size=$4 $sig --seed=$seed --out_dir=$root/goal-$1-s$seed")
+      cmds+=("$PY train.py $(nd $2 $3) --mixer=attention --cache_size=0 --seed=$seed --out_dir=$root/goal-$1-attn-s$seed")
+    done
+    for c in "unb512 needle 512" "unb2048 needle_a2048 2048"; do
+      set -- $c
+      for tau in 0.2 0.5; do
+        cmds+=("$PY train.py $(nd $2 $3) --cache_size=-1 --cache_tau=$tau $sig --seed=$seed --out_dir=$root/goal-$1-tau$tau-s$seed")
+      done
+    done
+  done
 fi
 if [ "$set" = mqar ]; then  # SIZES (LxN; 512x64 reads data/mqar, others data/mqar<LxN>), LRS, MINUTES, EPOCHS, TAG
   for size in ${SIZES:-512x64}; do
