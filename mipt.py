@@ -78,6 +78,7 @@ class MIPTConfig:
     n_head: int = 4              # heads of the cache read-out (MIPT) or of self-attention (twin)
     dropout: float = 0.0
     bias: bool = True
+    mlp: bool = True             # each block's FFN (False: the mixer alone, as Zoology's MQAR attention)
     mixer: str = 'mipt'          # 'mipt' | 'attention' (the Transformer twin)
     attn_impl: str = 'sdpa'      # 'sdpa' (fused) | 'naive' (materialises T x T, for the memory figure)
     cache_size: int = 16         # K: 0 = no cache, -1 = unbounded
@@ -667,25 +668,27 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """LayerNorm -> mixer (MIPT + cache, or attention) -> residual -> LayerNorm -> FFN -> residual."""
+    """LayerNorm -> mixer (MIPT + cache, or attention) -> residual -> LayerNorm -> FFN -> residual (mlp=False:
+    the first residual alone)."""
 
     def __init__(self, config):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mix = MIPTLayer(config) if config.mixer == 'mipt' else SelfAttention(config)
         self.drop = nn.Dropout(config.dropout)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias) if config.mlp else None
+        self.mlp = MLP(config) if config.mlp else None
+
+    def ffn(self, x):
+        return x if self.mlp is None else x + self.mlp(self.ln_2(x))
 
     def forward(self, x, want_state=False):
         m, s, state = self.mix(self.ln_1(x), want_state)
-        x = x + self.drop(m)
-        return x + self.mlp(self.ln_2(x)), s, state
+        return self.ffn(x + self.drop(m)), s, state
 
     def step(self, x, state, pos):
         m, state = self.mix.step(self.ln_1(x), state, pos)
-        x = x + m
-        return x + self.mlp(self.ln_2(x)), state
+        return self.ffn(x + m), state
 
 
 # -----------------------------------------------------------------------------

@@ -144,3 +144,19 @@ def test_dense_readout_on_gpu_bf16_against_float64():
     with torch.autocast('cuda', dtype=torch.bfloat16):
         out = cache_attention_dense(*(t.bfloat16() for t in (q, k, v)), log_s.float(), null_k.float(), null_v.float())
     assert (out.double() - ref).abs().max() < 0.05
+
+
+@pytest.mark.parametrize('mixer', ['mipt', 'attention'])
+def test_blocks_without_ffn(mixer):
+    cfg = MIPTConfig(vocab_size=11, block_size=16, n_layer=2, n_embd=16, n_head=1, mlp=False, mixer=mixer,
+                     cache_size=2 if mixer == 'mipt' else 0)
+    model = MIPT(cfg).double().eval()
+    assert not any('mlp' in n or 'ln_2' in n for n, _ in model.named_parameters())
+    x = torch.randint(0, 11, (2, 9))
+    with torch.no_grad():
+        logits, _ = model(x)
+        state, steps = model.init_state(2), []
+        for t in range(9):
+            lt, state = model.step(x[:, t], state)
+            steps.append(lt)
+    torch.testing.assert_close(torch.stack(steps, 1), logits, rtol=1e-9, atol=1e-9)
