@@ -74,6 +74,26 @@ def settle(c, origins=None):
     return notes
 
 
+def check_device(model_config, peer, device):
+    """A forced kernel or a peer that this device cannot run: one line, exit 2 (1: fla not installed)."""
+    cfg, on_cuda = model_config, 'cuda' in str(device)
+    if cfg.scan_impl == 'cuda' and not on_cuda:
+        die(f"scan_impl='cuda' needs a CUDA device, and this run is on {device}: use --scan_impl=auto or torch", 2)
+    if cfg.cache_impl == 'triton' and cfg.mixer == 'mipt' and cfg.cache_size != 0:
+        import cache_kernel
+        if not cache_kernel.available(torch.device(device)):
+            die(f"cache_impl='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 on the CPU), and this "
+                f"run is on {device}{'' if cache_kernel.triton else ' without Triton'}: use --cache_impl=auto or torch", 2)
+    if peer:  # peers.py: flash-linear-attention layers (Triton, CUDA only) as every block's mixer
+        import peers
+        if peer not in peers.PEERS or cfg.mixer != 'mipt' or not on_cuda:
+            die(f"--peer={peer}: " + (f"no such peer (one of {', '.join(peers.PEERS)})" if peer not in peers.PEERS else
+                f"it replaces the MIPT mixer of every block, not --mixer={cfg.mixer}" if cfg.mixer != 'mipt' else
+                "its kernels need a CUDA device"), 2)
+        if not peers.available():
+            die(f"--peer={peer} needs flash-linear-attention, which does not import here: {peers.INSTALL}")
+
+
 def lr_at(it, learning_rate, min_lr, warmup_iters, decay_iters, decay=True):
     """Linear warmup over warmup_iters, then cosine decay to min_lr at decay_iters (constant without decay)."""
     if not decay:

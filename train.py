@@ -16,6 +16,13 @@ test once at the end, and everything lands in out_dir/metrics.json. out_dir/ckpt
 eval and on Ctrl-C/SIGTERM) resumes a run exactly; out_dir/log.jsonl holds every iteration and evaluation.
 One run at a time per out_dir (out_dir/.lock names the holder).
 
+Settings: the defaults below, then config files (Python, executed as they are read: run only files you
+trust), then --key=value flags, which win over everything a file sets (a --max_iters flag over a file's
+max_epochs too). Resume takes the model from the checkpoint (the model's fields, block_size included, for
+the batches as well; the flags that differ are named and ignored) and the training settings from this run;
+metrics.json lists every resume and what it changed. The data files are opened once: a prepare that
+rewrites the dataset during a run changes nothing the run reads.
+
 Exit status: 0 done, or stopped by Ctrl-C/SIGTERM with ckpt_last.pt saved; 2 a configuration error (a bad
 key or value, a model config MIPTConfig rejects, task vs data, an out_dir holding another run); 1 anything
 else (data missing or corrupt, out_dir locked or not writable, a bad checkpoint, a non-finite loss, an
@@ -185,29 +192,21 @@ try:
     model_config = MIPTConfig(**model_args)
 except (TypeError, ValueError) as e:
     die(f"invalid model config: {e}", 2)
-logits_per_token = 1 if task == 'classify' else model_config.vocab_size  # eval batches: <= 65536 tokens, 2^28 logits
-# rows of ~65k tokens, at most 1024: below 64 tokens a row costs about as much as a row of 64
+# evaluation batches: <= 65536 tokens and 2^28 logits, <= 1024 rows (a row shorter than 64 costs about as much)
+logits_per_token = 1 if task == 'classify' else model_config.vocab_size
 eval_bs = eval_batch_size or max(batch_size, min(65536, 2**28 // logits_per_token) // max(block_size, 64))
 R = model_config.cache_explore
 if master and model_config.mixer == 'mipt' and not peer and model_config.cache_size != 0 and (R == -1 or R >= block_size):
     print(f"warning: cache_explore={R} {'(all)' if R == -1 else f'>= block_size={block_size}'}: in training every "
           f"query also attends to every earlier position, so the exact cache that eval and decoding read is never "
           f"trained alone; cache_explore <= block_size // 4 keeps the selection signal (see README, Recall)")
-if model_config.scan_impl == 'cuda' and device_type != 'cuda':
-    die(f"scan_impl='cuda' needs a CUDA device, and this run is on {device}: use --scan_impl=auto or torch", 2)
-if model_config.cache_impl == 'triton' and model_config.mixer == 'mipt' and model_config.cache_size != 0:
-    import cache_kernel
-    if not cache_kernel.available(torch.device(device)):
-        die(f"cache_impl='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 on the CPU), and this run is "
-            f"on {device}{'' if cache_kernel.triton else ' without Triton'}: use --cache_impl=auto or torch", 2)
-if peer:  # peers.py: flash-linear-attention layers (Triton, CUDA only) as every block's mixer
-    import peers
-    if peer not in peers.PEERS or model_config.mixer != 'mipt' or device_type != 'cuda':
-        die(f"--peer={peer}: " + (f"no such peer (one of {', '.join(peers.PEERS)})" if peer not in peers.PEERS else
-            f"it replaces the MIPT mixer of every block, not --mixer={model_config.mixer}"
-            if model_config.mixer != 'mipt' else "its kernels need a CUDA device"), 2)
-    if not peers.available():
-        die(f"--peer={peer} needs flash-linear-attention, which does not import here: {peers.INSTALL}")
+runs.check_device(model_config, peer, device)  # the kernels it forces, the peer it asks for
+
+# -----------------------------------------------------------------------------
+# the model (the checkpoint's weights on resume), out_dir and its lock, the optimizer and the state an exact
+# resume needs
+model = raw_model = checkpoint.build_model({'model_args': model_args, 'peer': peer, 'model': ck and ck['model']},
+                                           device, P['last'], how={k: model_args[k] for k in checkpoint.HOW})
 if master:  # out_dir: locked before anything is written into it
     lock_file = runs.lock(out_dir)
     if init_from == 'scratch':
@@ -217,11 +216,6 @@ if ck is not None and (ck['iter_num'] >= max_iters or ck.get('reached')) and run
         print(f"run already finished at iter {ck['iter_num']}; metrics in {P['metrics']} "
               f"(to train on, resume with a larger --max_iters)")
     sys.exit(0)
-
-# -----------------------------------------------------------------------------
-# model, optimizer, and the state an exact resume needs
-model = raw_model = checkpoint.build_model({'model_args': model_args, 'peer': peer, 'model': ck and ck['model']},
-                                           device, P['last'], how={k: model_args[k] for k in checkpoint.HOW})
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if compile:
