@@ -12,6 +12,11 @@
 #                (anywhere in 512 K=4, anywhere in 2048 K=16, first 10% of 1024 K=4, vocabulary 2000 K=4), seeds 1-2
 #   SET goals  : the recall goals with SIGNAL (e.g. SIGNAL="--cache_signal=dense --p_penalty=1.0"), seeds 1-5, the
 #                twin beside each row; then python results/needle_eval.py RUNS/* --lengths=8192,32768
+#   SET zoology: MQAR by Zoology's Figure 2 protocol (64 epochs of cosine from the peak, no warmup, AdamW wd 0.1,
+#                beta2 0.999, no clipping, stop at val 0.99), the same flags and LRS (default 2.2e-3 4.6e-4) for every
+#                model: the twin as Zoology's attention (1 head, no MLP, dropout 0.1) and as ours, MIPT K=N and 2N at
+#                2 and 4 layers, fla's peers; cells 256x16 and 512x64 at d=128, 512x64 at d=64. Long runs go on
+#                with --init_from=resume (the same command, run again, resumes: run_one skips finished runs)
 #   SET mqar   : MQAR (Zoology), d_model 128, 2 layers, at each (L, N) of SIZES: MIPT K=0/N/2N, the twin, and the
 #                flash-linear-attention peers (shrunk budget: MINUTES of wall time, EPOCHS, one lr per LRS; RESULTS.md, MQAR)
 # The data: python data/needle/prepare.py; python data/needle/prepare.py --seq_len 2048 --span 0.0 1.0
@@ -81,6 +86,28 @@ if [ "$set" = goals ]; then
     done
   done
 fi
+if [ "$set" = zoology ]; then
+  z="--max_epochs=64 --warmup_iters=0 --min_lr=0 --beta2=0.999 --grad_clip=0 --weight_decay=0.1 --stop_at=0.99"
+  for cell in "256 16 128" "512 64 128" "512 64 64"; do
+    set -- $cell; L=$1; n=$2; d=$3; ds=mqar; bs=128
+    [ "$L" = 512 ] && [ "$n" = 64 ] || { ds=mqar${L}x$n; bs=256; }
+    [ -f "data/$ds/meta.json" ] || $PY data/mqar/prepare.py --seq_len "$L" --n_pairs "$n" --out_dir "data/$ds" > /dev/null
+    mq="config/mqar.py --dataset=$ds --batch_size=$bs --n_embd=$d $z ${MINUTES:+--max_minutes=$MINUTES}"
+    for lr in ${LRS:-2.2e-3 4.6e-4}; do
+      tag=mqar${L}x$n-d$d
+      cmds+=("$PY train.py $mq --learning_rate=$lr --mixer=attention --cache_size=0 --n_head=1 --mlp=False --dropout=0.1 --out_dir=$root/$tag-zattn-lr$lr")
+      cmds+=("$PY train.py $mq --learning_rate=$lr --mixer=attention --cache_size=0 --out_dir=$root/$tag-attn-lr$lr")
+      for layers in 2 4; do
+        for K in $n $((2 * n)); do
+          cmds+=("$PY train.py $mq --learning_rate=$lr --n_layer=$layers --cache_size=$K --cache_explore=$((L / 8)) ${SIGNAL:-} --out_dir=$root/$tag-L$layers-K$K-lr$lr")
+        done
+        for p in gated_deltanet mamba2 gla; do
+          cmds+=("$PY train.py $mq --learning_rate=$lr --n_layer=$layers --cache_size=0 --peer=$p --out_dir=$root/$tag-L$layers-$p-lr$lr")
+        done
+      done
+    done
+  done
+fi
 if [ "$set" = mqar ]; then  # SIZES (LxN; 512x64 reads data/mqar, others data/mqar<LxN>), LRS, MINUTES, EPOCHS, TAG
   for size in ${SIZES:-512x64}; do
     n=${size#*x}; L=${size%x*}; R=$((L / 8)); ds=mqar; bs=128; [ "$size" = 512x64 ] || { ds=mqar$size; bs=256; }
@@ -103,9 +130,10 @@ run_one() {  # run one command, logging it beside its run
   local cmd=$1 dir=${1##*--out_dir=}
   dir=${dir%% *}
   [ -f "$dir/metrics.json" ] && { echo "done already: $dir"; return; }  # a finished run is never redone
+  [ -f "$dir/ckpt_last.pt" ] && cmd="$cmd --init_from=resume"            # a cut one goes on where it stopped
   mkdir -p "$dir"
-  echo "$cmd" > "$dir/command.txt"
-  $cmd > "$dir/stdout.txt" 2>&1 || echo "FAILED ($?): $cmd"
+  echo "$cmd" >> "$dir/command.txt"
+  $cmd >> "$dir/stdout.txt" 2>&1 || echo "FAILED ($?): $cmd"
 }
 export -f run_one
 printf '%s\n' "${cmds[@]}" | grep -E "${ONLY:-.}" | xargs -d '\n' -P "$jobs" -I{} bash -c 'run_one "$@"' _ {}
