@@ -774,7 +774,7 @@ class MIPT(nn.Module):
         return n
 
     def _check_ids(self, idx):
-        if idx.dtype not in (torch.int64, torch.int32):
+        if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
             raise TypeError(f"token ids must be an integer tensor, got {idx.dtype}")
         # on a GPU the check waits for the device: done in eval and decoding (outside a graph capture), not in
         # every training step, nor inside torch.compile (a compiled decoding step), where it would split the graph
@@ -785,7 +785,7 @@ class MIPT(nn.Module):
 
     def _embed(self, idx, t0=0):
         self._check_ids(idx)
-        x = self.wte(idx)
+        x = self.wte(idx if idx.dtype in (torch.int64, torch.int32) else idx.long())
         if self.wpe is not None:
             T = idx.shape[-1] if idx.dim() == 2 else 1
             if torch.is_tensor(t0) and _traced():  # a CUDA graph's position (engine.graphed_step bounds it): no sync
@@ -838,6 +838,12 @@ class MIPT(nn.Module):
         """idx (B, T). LM: targets (B, T), -1 ignored, gives logits (B, T, V).
         Classifier: targets (B,) and lengths (B,) real tokens per right-padded row, gives logits
         (B, n_classes) read at position lengths - 1, exactly as each row would classify alone."""
+        if targets is not None:
+            want = (idx.shape[0],) if self.config.n_classes else tuple(idx.shape)
+            if not torch.is_tensor(targets) or tuple(targets.shape) != want:
+                got = tuple(targets.shape) if torch.is_tensor(targets) else type(targets).__name__
+                what = 'one class per row' if self.config.n_classes else 'one next token per position, -1 ignored'
+                raise ValueError(f"targets must have shape {want} ({what}), got {got}")
         x, scores, _ = self._body(idx)                    # (B, T, D)
         if self.config.n_classes:
             logits = self.head(self._read(x, self._lengths(idx, lengths)))  # (B, n_classes)
@@ -893,7 +899,9 @@ class MIPT(nn.Module):
             raise ValueError(f"state must be this model's DecodeState with {len(self.blocks)} layers (model.init_state "
                              f"or model.prefill), got {type(state).__name__} with "
                              f"{len(getattr(state, 'layers', []))} layers")
-        if idx_t.dim() != 1 or idx_t.shape[0] != state.batch_size:
+        if not _traced():
+            self._check_state(state)
+        if idx_t.dim() != 1 or idx_t.shape[0] != state.batch_size or idx_t.shape[0] == 0:
             raise ValueError(f"idx_t must be (B,) = ({state.batch_size},) tokens, one per row of the state, "
                              f"got shape {tuple(idx_t.shape)}")
         x = self._embed(idx_t, t0=state.pos)              # (B, D)
@@ -905,6 +913,20 @@ class MIPT(nn.Module):
             x = state.pooled / (state.pos + 1)
         state.pos = state.pos + 1
         return self.head(x), state
+
+    def _check_state(self, state):
+        """Each layer's state must be of this model's layer: its kind, widths and slots (a size that grows, a KV
+        cache's length or an unbounded cache's slots, may be any)."""
+        for i, (block, got) in enumerate(zip(self.blocks, state.layers)):
+            want = block.mix.init_state(1, 'meta', self.wte.weight.dtype)
+            shapes = [tuple(t.shape[1:]) for t in want.tensors()]
+            fits = isinstance(got, type(want)) and len(list(got.tensors())) == len(shapes) and all(
+                len(g.shape) - 1 == len(w) and all(a == b or b == 0 for a, b in zip(g.shape[1:], w))
+                for g, w in zip(got.tensors(), shapes))
+            if not fits:
+                raise ValueError(f"state layer {i} ({type(got).__name__}: {[tuple(t.shape) for t in got.tensors()]}) "
+                                 f"is not of this model's layer {i} ({type(want).__name__}: (B,) + {shapes}); decode "
+                                 f"from this model's init_state or prefill")
 
     @torch.no_grad()
     def prefill(self, idx):

@@ -160,3 +160,52 @@ def test_blocks_without_ffn(mixer):
             lt, state = model.step(x[:, t], state)
             steps.append(lt)
     torch.testing.assert_close(torch.stack(steps, 1), logits, rtol=1e-9, atol=1e-9)
+
+
+def _tiny(**kw):
+    torch.manual_seed(0)
+    args = dict(vocab_size=11, block_size=16, n_layer=2, n_embd=16, n_head=2, cache_size=4)
+    return MIPT(MIPTConfig(**{**args, **kw})).eval()
+
+
+@pytest.mark.parametrize('other', [dict(cache_size=8), dict(cache_size=0), dict(cache_size=-1),
+                                   dict(n_embd=32), dict(mixer='attention', cache_size=0), dict(n_head=4)])
+def test_step_refuses_another_models_state(other):
+    model, foreign = _tiny(), _tiny(**other)
+    state = foreign.init_state(2)
+    if other.get('cache_size') == -1:  # an unbounded cache holding two tokens: its slot count differs from K=4
+        _, state = foreign.prefill(torch.randint(0, 11, (2, 5)))
+    with pytest.raises(ValueError, match="is not of this model's layer 0") as e:
+        model.step(torch.zeros(2, dtype=torch.long), state)
+    assert '\n' not in str(e.value)
+
+
+def test_step_takes_its_own_states():
+    model = _tiny(cache_size=-1)
+    _, state = model.prefill(torch.randint(0, 11, (2, 5)))
+    model.step(torch.zeros(2, dtype=torch.long), state)
+    twin = _tiny(mixer='attention', cache_size=0)
+    _, state = twin.prefill(torch.randint(0, 11, (2, 5)))
+    twin.step(torch.zeros(2, dtype=torch.long), state)
+
+
+@pytest.mark.parametrize('dtype', [torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64])
+def test_every_integer_dtype_is_token_ids(dtype):
+    model = _tiny()
+    x = torch.randint(0, 11, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x.to(dtype))[0], model(x)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('n_classes,shape', [(0, (2, 6)), (0, (14,)), (3, (2, 1)), (3, (3,))])
+def test_targets_of_the_wrong_shape_are_one_line(n_classes, shape):
+    model = _tiny(n_classes=n_classes)
+    with pytest.raises(ValueError, match=r"targets must have shape \(2, ?7?\)?") as e:
+        model(torch.randint(0, 11, (2, 7)), targets=torch.zeros(shape, dtype=torch.long))
+    assert '\n' not in str(e.value)
+
+
+def test_step_refuses_an_empty_batch():
+    model = _tiny()
+    with pytest.raises(ValueError, match='idx_t must be'):
+        model.step(torch.zeros(0, dtype=torch.long), model.init_state(0))
