@@ -23,9 +23,6 @@ import torch
 
 CKPT_FORMAT = 'mipt-ckpt-1'
 DEBUG = False
-# MIPTConfig fields that say how a model computes, not what: they belong to the run that loads a checkpoint
-# (its flags), never to the checkpoint, which records the ones its own run used
-HOW = ('scan_impl', 'cache_impl', 'recompute')
 
 
 def die(msg, code=1):
@@ -91,13 +88,14 @@ def load(path):
 
 def build_model(ck, device='cpu', path='the checkpoint', how=None):
     """MIPT(MIPTConfig(**ck['model_args'])), its mixers swapped for ck['peer'] if set (peers.py), with the
-    weights ck['model'] if present (else freshly initialised), on `device`. The HOW fields come from `how`
-    (the loading run's settings; those it does not give: MIPTConfig's defaults), never from ck. A config or
+    weights ck['model'] if present (else freshly initialised), on `device`. The fields that say how it
+    computes, not what (MIPTConfig.HOW), come from `how` (the loading run's settings; those it does not give:
+    MIPTConfig's defaults), never from ck, which records the ones its own run used. A config or
     weights that do not fit this mipt.py die with one line naming the file."""
     from mipt import MIPT, MIPTConfig
     if not isinstance(ck.get('model_args'), dict):
         die(f"{path}: it has no model config (model_args): not a checkpoint that train.py wrote")
-    args = {k: v for k, v in ck['model_args'].items() if k not in HOW}
+    args = {k: v for k, v in ck['model_args'].items() if k not in MIPTConfig.HOW}
     args.update(how or {})
     try:
         model = MIPT(MIPTConfig(**args))

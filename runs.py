@@ -19,6 +19,7 @@ import torch
 
 import checkpoint
 from checkpoint import die
+from mipt import MIPTConfig
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 
@@ -80,10 +81,11 @@ def check_device(model_config, peer, device):
     if cfg.scan_impl == 'cuda' and not on_cuda:
         die(f"scan_impl='cuda' needs a CUDA device, and this run is on {device}: use --scan_impl=auto or torch", 2)
     if cfg.cache_impl == 'triton' and cfg.mixer == 'mipt' and cfg.cache_size != 0:
-        import cache_kernel
-        if not cache_kernel.available(torch.device(device)):
-            die(f"cache_impl='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 on the CPU), and this "
-                f"run is on {device}{'' if cache_kernel.triton else ' without Triton'}: use --cache_impl=auto or torch", 2)
+        import kernels
+        try:
+            kernels.fused_cache(cfg.cache_impl, torch.device(device))
+        except RuntimeError as e:
+            die(f"{e}: use --cache_impl=auto or torch", 2)
     if peer:  # peers.py: flash-linear-attention layers (Triton, CUDA only) as every block's mixer
         import peers
         if peer not in peers.PEERS or cfg.mixer != 'mipt' or not on_cuda:
@@ -186,7 +188,7 @@ def take_model_settings(ck, c, origins=None):
     checkpoint's list of resumes, plus this one: {'iter', 'changed': {key: [before, now]}} for every training
     setting this run changes)."""
     was = dict(ck.get('train_config') or {})
-    model = {k: v for k, v in ck['model_args'].items() if k in c and k not in checkpoint.HOW}
+    model = {k: v for k, v in ck['model_args'].items() if k in c and k not in MIPTConfig.HOW}
     model.update({k: was[k] for k in MODEL_SETTINGS if k in was}, peer=ck.get('peer', ''))
     ignored = {k: (c[k], v) for k, v in model.items() if c.get(k) != v and k in (origins or {})}
     c.update(model)

@@ -187,7 +187,7 @@ V = meta['vocab_size']
 model_args.update(vocab_size=V if task == 'classify' else -(-V // config['vocab_multiple']) * config['vocab_multiple'],
                   n_classes=meta['n_classes'] if task == 'classify' else 0)
 if ck is not None:
-    model_args = dict(ck['model_args'], **{k: model_args[k] for k in checkpoint.HOW})
+    model_args = dict(ck['model_args'], **{k: model_args[k] for k in MIPTConfig.HOW})
 try:
     model_config = MIPTConfig(**model_args)
 except (TypeError, ValueError) as e:
@@ -206,7 +206,7 @@ runs.check_device(model_config, peer, device)  # the kernels it forces, the peer
 # the model (the checkpoint's weights on resume), out_dir and its lock, the optimizer and the state an exact
 # resume needs
 model = raw_model = checkpoint.build_model({'model_args': model_args, 'peer': peer, 'model': ck and ck['model']},
-                                           device, P['last'], how={k: model_args[k] for k in checkpoint.HOW})
+                                           device, P['last'], how={k: model_args[k] for k in MIPTConfig.HOW})
 if master:  # out_dir: locked before anything is written into it
     lock_file = runs.lock(out_dir)
     if init_from == 'scratch':

@@ -414,7 +414,7 @@ BAD = [
      'no sparse cache: drop --cache_size', True),
     ('scan_cuda', ['--scan_impl=cuda'], 2, "scan_impl='cuda' needs a CUDA device", True),
     ('cache_triton', ['--cache_impl=triton'], 2, "cache_impl='triton' needs Triton and a CUDA device (or "
-     "TRITON_INTERPRET=1 on the CPU), and this run is on cpu", True),
+     "TRITON_INTERPRET=1 on the CPU); got cpu: use --cache_impl=auto or torch", True),
     ('peer_attention', ['--peer=gla', '--mixer=attention', '--cache_size=0'], 2, 'not --mixer=attention', True),
     ('peer_unknown', ['--peer=nope'], 2, 'no such peer', True),
     ('peer_cpu', ['--peer=gla'], 2, 'its kernels need a CUDA device', True),
@@ -459,7 +459,9 @@ SETUP = {
 def test_bad_command_line(cid, args, code, msg, early, lm_dir, cls_dir, seq_dir, lm_run, tmp_path, capsys,
                           monkeypatch):
     import cache_kernel
+    import kernels
     monkeypatch.setattr(cache_kernel, 'INTERPRET', False)  # as without TRITON_INTERPRET=1: no Triton on a CPU
+    monkeypatch.setattr(kernels, '_FUSED', {})
     f = {'lm': lm_dir, 'cls': cls_dir, 'seq': seq_dir, 'out': tmp_path / 'out', 'tmp': tmp_path}
     if any('{run}' in a for a in args):
         f['run'] = shutil.copytree(lm_run[0], tmp_path / 'run')
