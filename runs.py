@@ -3,6 +3,7 @@ The run management of train.py, as functions of their inputs: the settings' chec
 run or a resumed one), the state an exact resume needs (every RNG), the learning-rate schedule, log.jsonl,
 metrics.json. Every failure is one line (checkpoint.die): exit 2 for a configuration error, 1 otherwise.
 """
+import dataclasses
 import json
 import math
 import os
@@ -188,7 +189,8 @@ def take_model_settings(ck, c, origins=None):
     checkpoint's list of resumes, plus this one: {'iter', 'changed': {key: [before, now]}} for every training
     setting this run changes)."""
     was = dict(ck.get('train_config') or {})
-    model = {k: v for k, v in ck['model_args'].items() if k in c and k not in MIPTConfig.HOW}
+    fields = {f.name: f.default for f in dataclasses.fields(MIPTConfig)}  # a field newer than ck: its default
+    model = {k: ck['model_args'].get(k, d) for k, d in fields.items() if k in c and k not in MIPTConfig.HOW}
     model.update({k: was[k] for k in MODEL_SETTINGS if k in was}, peer=ck.get('peer', ''))
     ignored = {k: (c[k], v) for k, v in model.items() if c.get(k) != v and k in (origins or {})}
     c.update(model)

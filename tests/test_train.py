@@ -11,7 +11,6 @@ import errno
 import io
 import json
 import os
-import re
 import shutil
 import signal
 import sys
