@@ -139,11 +139,12 @@ class MIPTConfig:
     def usage_warning(self):
         """A valid setting that defeats its purpose, as one line, or None. Exploration that reaches every earlier
         position (R = -1, or R >= block_size) in a model with a cache never trains the exact cache alone."""
-        if self.mixer == 'mipt' and self.cache_size != 0 and (self.R is None or self.R >= self.block_size):
+        if self.mixer == 'mipt' and self.cache_size != 0 and self.cache_signal != 'dense' and (
+                self.R is None or self.R >= self.block_size):
             how = '(all)' if self.R is None else f'>= block_size={self.block_size}'
             return (f"cache_explore={self.cache_explore} {how}: in training every query also attends to every earlier "
                     f"position, so the exact cache that eval and decoding read is never trained alone; cache_explore "
-                    f"<= block_size // 4 keeps the selection signal (see README, Recall)")
+                    f"<= block_size // 4 keeps the selection signal (RESULTS.md, Recall)")
         return None
 
 

@@ -195,11 +195,8 @@ except (TypeError, ValueError) as e:
 # evaluation batches: <= 65536 tokens and 2^28 logits, <= 1024 rows (a row shorter than 64 costs about as much)
 logits_per_token = 1 if task == 'classify' else model_config.vocab_size
 eval_bs = eval_batch_size or max(batch_size, min(65536, 2**28 // logits_per_token) // max(block_size, 64))
-R = model_config.cache_explore
-if master and model_config.mixer == 'mipt' and not peer and model_config.cache_size != 0 and (R == -1 or R >= block_size):
-    print(f"warning: cache_explore={R} {'(all)' if R == -1 else f'>= block_size={block_size}'}: in training every "
-          f"query also attends to every earlier position, so the exact cache that eval and decoding read is never "
-          f"trained alone; cache_explore <= block_size // 4 keeps the selection signal (see README, Recall)")
+if master and not peer and (warning := model_config.usage_warning()):
+    print(f"warning: {warning}")
 runs.check_device(model_config, peer, device)  # the kernels it forces, the peer it asks for
 
 # -----------------------------------------------------------------------------

@@ -209,3 +209,9 @@ def test_step_refuses_an_empty_batch():
     model = _tiny()
     with pytest.raises(ValueError, match='idx_t must be'):
         model.step(torch.zeros(0, dtype=torch.long), model.init_state(0))
+
+
+def test_usage_warning_follows_the_signal():
+    assert 'cache_explore=64 >= block_size=64' in MIPTConfig(block_size=64, cache_explore=64).usage_warning()
+    assert MIPTConfig(block_size=64, cache_explore=64, cache_signal='dense').usage_warning() is None
+    assert MIPTConfig(block_size=64, cache_explore=16).usage_warning() is None
