@@ -11,6 +11,11 @@ Sample from a trained mipt model (after nanoGPT's sample.py), or classify a text
     python sample.py --out_dir=out-imdb --start="A wonderful film."   # a classifier prints class probabilities
     python sample.py --help
 
+Ctrl-C while text streams stops it: what was generated so far stays printed, a summary line says where it
+stopped, and the exit status is 130 (interrupted, as a shell reports Ctrl-C), not 0. --p_html=FILE needs
+--show_p=True (it writes that view). Errors are one line, `error: ...` (exit 2 for a bad setting, 1
+otherwise); --debug=True shows the traceback instead.
+
 Text comes from engine.decode, the one decoding loop: the prompt goes through one parallel pass (prefill),
 then every new token through model.step (one CUDA graph replay per token on a GPU). A MIPT
 model keeps O(1) state per layer (the complex state h plus at most K cached tokens); a Transformer-twin
@@ -21,6 +26,7 @@ from the dataset meta stored inside the checkpoint.
 score s_t = mean_d p_t (blue = wave, s near 0; red = particle, s near 1), averaged over layers or for
 --p_layer, and underlines the tokens that the particle cache holds at the end.
 """
+import math
 import os
 import sys
 import time
@@ -29,6 +35,7 @@ from html import escape
 
 import torch
 
+import checkpoint
 import engine
 from checkpoint import build_model, die, load
 from codec import load_codec, truncate_doc
@@ -49,13 +56,20 @@ show_p = False               # reprint the text coloured by measurement score s_
 p_layer = -1                 # -1 = mean over layers, else this layer's s_t and cache
 p_html = ''                  # with show_p: also write the coloured text to this HTML file
 compile = False              # on a GPU: torch.compile the graphed decoding step (seconds first; faster per token)
+debug = False                # re-raise errors with their traceback instead of a one-line message
 # -----------------------------------------------------------------------------
 configure(globals(), doc=__doc__)
 # -----------------------------------------------------------------------------
-for ok, msg in [(max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {max_new_tokens}"),
-                (num_samples >= 1, f"num_samples must be >= 1, got {num_samples}"),
-                (temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {temperature}"),
-                (top_k is None or top_k >= 0, f"top_k must be >= 0 (0 = all), got {top_k}"),
+checkpoint.DEBUG = debug
+is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+for ok, msg in [(is_int(max_new_tokens) and max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {max_new_tokens}"),
+                (is_int(num_samples) and num_samples >= 1, f"num_samples must be >= 1, got {num_samples}"),
+                (isinstance(temperature, float) and math.isfinite(temperature) and temperature >= 0,
+                 f"temperature must be >= 0 and finite (0 = greedy), got {temperature}"),
+                (top_k is None or is_int(top_k) and top_k >= 0, f"top_k must be >= 0 (0 = all), got {top_k}"),
+                (is_int(seed) and -2 ** 63 <= seed < 2 ** 64, f"seed must be an integer in [-2**63, 2**64), got {seed}"),
+                (is_int(p_layer), f"p_layer must be an integer (-1 = mean over layers), got {p_layer}"),
+                (not p_html or show_p, f"--p_html={p_html} writes the --show_p view: add --show_p=True"),
                 (dtype in ('float32', 'bfloat16', 'float16'), f"dtype must be float32, bfloat16 or float16, got {dtype!r}"),
                 (device == 'cpu' or device.split(':')[0] == 'cuda', f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")]:
     if not ok:
@@ -64,8 +78,11 @@ device_type = 'cuda' if 'cuda' in device else 'cpu'
 if device_type == 'cuda' and not torch.cuda.is_available():
     die("device='cuda' but CUDA is not available: pass --device=cpu", 2)
 if p_html:
-    try:  # fail now, not after generating
+    try:  # fail now, not after generating; an empty file is not left behind if anything stops the run
+        existed = os.path.exists(p_html)
         open(p_html, 'a').close()
+        if not existed:
+            os.remove(p_html)
     except OSError as e:
         die(f"cannot write --p_html={p_html}: {e.strerror}", 2)
 if start.startswith('FILE:'):
@@ -79,8 +96,15 @@ if start.startswith('FILE:'):
 
 torch.manual_seed(seed)
 path = os.path.join(out_dir, ckpt)
+if not os.path.exists(path) and os.path.isdir(out_dir):  # a wrong --ckpt: say what is there
+    present = sorted(os.listdir(out_dir))
+    pts = [f for f in present if f.endswith('.pt')]
+    if pts:
+        listed = ', '.join(present[:12]) + (f", ... ({len(present)} files)" if len(present) > 12 else '')
+        die(f"no checkpoint {ckpt!r} in {out_dir} (it holds {listed}): pass "
+            + ' or '.join(f"--ckpt={f}" for f in pts), 2)
 ck = load(path)
-model = build_model(ck, device).eval()
+model = build_model(ck, device, path).eval()
 config = model.config
 meta = ck.get('meta') or {}
 del ck
@@ -94,9 +118,12 @@ except Exception as e:  # noqa: BLE001 - tiktoken offline, an unknown tokenizer,
     die(f"cannot load the tokenizer {meta.get('tokenizer')!r} of dataset {meta.get('name')!r}: {str(e).splitlines()[0]}")
 ctx = torch.amp.autocast(device_type='cuda', dtype=getattr(torch, dtype)) if device_type == 'cuda' else nullcontext()
 is_mipt, classifier = config.mixer == 'mipt', config.n_classes > 0
+if not classifier and max_new_tokens == 0:
+    die("max_new_tokens=0 would generate nothing: give --max_new_tokens=N with N >= 1", 2)
 show = show_p and is_mipt
 if show_p and not is_mipt:
-    print("(--show_p: an attention checkpoint has no measurement score; showing plain text)")
+    print("(--show_p: an attention checkpoint has no measurement score; showing plain text"
+          + (f", writing no {p_html})" if p_html else ')'))
 
 try:
     ids = list(encode(start))
@@ -199,26 +226,32 @@ for k in range(num_samples):
         put(tok)
     put(final=True)
     s_hist = scores_of(x) if show else None
-    new, state, t0 = [], None, time.time()
-    with ctx:
-        for d in engine.decode(model, x, max_new_tokens, temperature, top_k, n_vocab=n_vocab, want_s=show,
-                               compile=compile):
-            tok = int(d.token[0])
-            new.append(tok)
-            put(tok)
-            state = d.state
-            if show:
-                s_hist.append([float(s[0]) for s in d.s])
+    new, state, t0, stopped = [], None, time.time(), False
+    try:
+        with ctx:
+            for d in engine.decode(model, x, max_new_tokens, temperature, top_k, n_vocab=n_vocab, want_s=show,
+                                   compile=compile):
+                tok = int(d.token[0])
+                new.append(tok)
+                put(tok)
+                state = d.state
+                if show:
+                    s_hist.append([float(s[0]) for s in d.s])
+    except KeyboardInterrupt:  # Ctrl-C: keep what was generated, say where it stopped
+        stopped = True
     put(final=True)
     dt = time.time() - t0
-    state_bytes = model.state_bytes(state) if state is not None else 0
+    if stopped:
+        rest = num_samples - k - 1
+        left = f"; {rest} more sample{'s' if rest > 1 else ''} not started" if rest else ''
+        print(f"\n--- sample {k + 1}/{num_samples}: interrupted (Ctrl-C) after {len(new)} of {max_new_tokens} new "
+              f"tokens in {dt:.2f} s{left}{'; no --show_p view' if show else ''}")
+        sys.exit(130)
+    state_bytes = model.state_bytes(state)
     window = not is_mipt and len(ids) + len(new) > T
     print(f"\n--- sample {k + 1}/{num_samples}: {len(ids)} prompt tokens, {len(new)} new tokens in {dt:.2f} s "
           f"({len(new) / max(dt, 1e-9):,.1f} tokens/s, prefill included); decoding state"
           f"{' + cache' if is_mipt and config.cache_size else ''}: {state_bytes:,} bytes"
           + (f" (attention: a KV cache of block_size={T}, then a sliding window)" if window else ''))
     if show:
-        if state is None:  # no new tokens: the prompt's state
-            with torch.no_grad(), ctx:
-                state = model.prefill(x)[1]
         render_p(ids + new, s_hist, state)
