@@ -1,4 +1,5 @@
-"""Gather runs/*/metrics.json into one JSON list: python results/collect.py RUNS_DIR OUT_FILE"""
+"""Gather runs/*/metrics.json (with each run's command.txt and its val curve from log.jsonl) into one JSON list:
+python results/collect.py RUNS_DIR OUT_FILE"""
 import glob
 import json
 import os
@@ -12,6 +13,10 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], '*', 'metrics.json'))):
     cmd = os.path.join(os.path.dirname(path), 'command.txt')
     if os.path.exists(cmd):
         m['command'] = open(cmd).read().strip()
+    log = os.path.join(os.path.dirname(path), 'log.jsonl')
+    if os.path.exists(log):
+        evals = [json.loads(line) for line in open(log) if '"eval"' in line]
+        m['val_curve'] = [[e['iter'], e['eval'].get('acc', e['eval'].get('loss'))] for e in evals]
     runs.append(m)
 with open(sys.argv[2], 'w') as f:
     json.dump(runs, f, indent=1)
