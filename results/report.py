@@ -206,7 +206,31 @@ def recall(J):
         f"{by_N[2048]['mipt'][0]['state_bytes']:,} bytes at every N. Our reading: with the needle anywhere, each "
         f"query spreads its attention over K + L + R ≈ 650 candidates with nearly equal `log s`, so the gradient "
         f"that reaches the needle's `p` is about R/N times an attention weight of ~1/650, far weaker than at "
-        f"N=512. The long-context goal falls with it: the constant state is there, the recall is not.", '']
+        f"N=512. The long-context goal falls with it: the constant state is there, the recall is not.", '',
+        *signal_pilot(J.get('signal_pilot', []))]
+
+
+def signal_flags(r):
+    c = r['model_config']
+    return f"`{c.get('cache_signal', 'explore')}`" + (f", `p_penalty={c['p_penalty']}`" if c['p_penalty'] else '')
+
+
+def signal_pilot(runs):
+    """The training signals side by side on a CPU: a shrunk pilot, one seed per signal, until the GPU runs land."""
+    if not runs:
+        return []
+    rows = [[r['run'], signal_flags(r), f"{r['best_val']['acc']:.3f} (iter {r['best_val']['iter']})",
+             f3((r.get('test') or {}).get('acc')), f"{r['iters']}", f"{r['wall_time_s'] / 60:.0f} min",
+             f"`{r['command'].split(' --out_dir')[0]}`"] for r in runs]
+    return ['### The training signal (`cache_signal`): a CPU pilot', '',
+            'The needle **anywhere** in 512 tokens (`python data/needle/prepare.py --span 0.0 1.0 --out_dir '
+            'data/needle_a512`), K=4, `config/needle.py` otherwise (15 epochs, batch 128), on this 2-core CPU while '
+            'other jobs shared it: one seed per signal, so this is a pilot, not the protocol. The GPU protocol (every '
+            'signal at four placements, lengths and vocabularies on val, then the goals on five seeds with the twin '
+            'beside) is `bash results/recall.sh RUNS 16 signal` and `... goals`, not run yet. Best val (its iteration), '
+            'then test once at that checkpoint:', '',
+            *table(['run', 'signal', 'best val', 'test', 'iterations', 'wall', 'command'], rows), '',
+            '![val accuracy against iterations](results/plots/signal_val_curves.png)', '']
 
 
 def mqar(J):
@@ -672,7 +696,14 @@ def plot_data(J):
     rec['twin, trained at 512 (demo)'] = {'pts': [[512, s['test']] for s in nr['attention']['seeds'].values()
                                                   if s['test'] is not None],
                                           'style': {'color': 'C1', 'marker': 's', 'fillstyle': 'none'}}
+    curves = {f"{r['run']} ({signal_flags(r).replace('`', '')})": {'pts': r['val_curve'], 'style': {'marker': '.'}}
+              for r in J.get('signal_pilot', []) if r.get('val_curve')}
+    pilot = {'signal_val_curves.png': {
+        'title': 'Needle anywhere in 512, K=4: val accuracy (exact eval cache) against iterations, CPU pilot',
+        'panels': [{'series': curves, 'xlabel': 'iteration', 'ylabel': 'val accuracy', 'hline': 0.25,
+                    'linear_x': True}]}} if curves else {}
     return {
+        **pilot,
         'throughput_vs_T.png': {
             'title': f"Training throughput against T ({b['device']}, bf16)",
             'panels': [{'series': series([r for r in b['mixers'] if 'layer' in r], lambda r: name(r['layer']), 'T',
@@ -731,7 +762,8 @@ def draw(path, data):
                 ax.scatter(*zip(*many), s=12, color=style.get('color'), alpha=0.5)
         if p.get('hline') is not None:
             ax.axhline(p['hline'], color='grey', linestyle=':', linewidth=1)
-        ax.set_xscale('log', base=2)
+        if not p.get('linear_x'):
+            ax.set_xscale('log', base=2)
         if p.get('logy'):
             ax.set_yscale('log')
         ax.set_xlabel(p['xlabel'])
