@@ -9,7 +9,8 @@
 #   SET lm     : the language models with and without the signal (shakespeare_char baby GPT; IMDB LM at
 #                1000 iterations, K=64)
 #   SET signal : the training signals (cache_signal) compared on val at four needle placements/lengths/vocabularies
-#                (anywhere in 512 K=4, anywhere in 2048 K=16, first 10% of 1024 K=4, vocabulary 2000 K=4), seeds 1-2
+#                (anywhere in 512 K=4, anywhere in 2048 K=16, first 10% of 1024 K=4, vocabulary 2000 K=4), seeds 1-2;
+#                MINUTES caps each run's training time
 #   SET goals  : the recall goals with SIGNAL (e.g. SIGNAL="--cache_signal=dense --p_penalty=1.0"), seeds 1-5, the
 #                twin beside each row; then python results/needle_eval.py RUNS/* --lengths=8192,32768
 #   SET zoology: MQAR by Zoology's Figure 2 protocol (64 epochs of cosine from the peak, no warmup, AdamW wd 0.1,
@@ -61,7 +62,7 @@ if [ "$set" = signal ]; then
       tag=${sig// --p_penalty=/-pen}
       for c in "a512 512 4" "a2048 2048 16" "f1024 1024 4" "v2000 512 4"; do
         set -- $c
-        cmds+=("$PY train.py $(nd needle_$1 $2) --cache_size=$3 --cache_signal=$sig --seed=$seed --out_dir=$root/signal-$1-$tag-s$seed")
+        cmds+=("$PY train.py $(nd needle_$1 $2) --cache_size=$3 --cache_signal=$sig --seed=$seed ${MINUTES:+--max_minutes=$MINUTES} --out_dir=$root/signal-$1-$tag-s$seed")
       done
     done
   done
