@@ -20,9 +20,9 @@ s_t = mean_d p_t and every position reads it with attention, fused into y throug
 Decoding then needs O(D) state plus an O(K D) cache per layer, where a Transformer needs O(T D).
 Selection itself has no gradient, so training gives the scores a signal of their own (cache_signal):
 R earlier positions attended beside the cache, drawn uniformly or by s ('explore', 'weighted'), or soft
-selection over every earlier position ('dense'; with p_penalty as a capacity cost, so that few tokens keep a
-high score), or 'mixed', a coin per training step between 'dense' and 'explore'. Every position is scored
-with the same log s_j bias. Eval and decoding always read the exact cache.
+selection over every earlier position ('dense'; with p_penalty as a capacity cost, so that few tokens keep
+a high score), or 'mixed', a coin per layer and training step between 'dense' and 'explore'. Every
+position is scored with the same log s_j bias. Eval and decoding always read the exact cache.
 
 Glossary (code name: paper symbol, shape)
     logit   W_p x_t + bias           pre-sigmoid measurement, (B, T, D); its bias starts at
@@ -42,7 +42,7 @@ Glossary (code name: paper symbol, shape)
                                      (-1: all of them, i.e. dense soft selection, None inside; 0: off)
     signal  cache_signal             training only, how s learns what to keep: 'explore' (R uniform
                                      draws), 'weighted' (R draws by s, Gumbel-top-R), 'dense' (every j <= i),
-                                     'mixed' (dense or explore, a coin per step)
+                                     'mixed' (dense or explore, a coin per layer and step)
     readout readout                  classifier: 'last' reads the final hidden state at the last real
                                      token; 'mean' its running mean over positions (the paper's demo)
     state   DecodeState              decoding: per layer a MIPTState (h (B, D) complex, s (B,), cache:
