@@ -58,6 +58,7 @@ PyTorch code here; engine.py holds fast decoding (CUDA graphs, compiled steps, t
 
 import math
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from typing import ClassVar
 
 import torch
@@ -915,18 +916,23 @@ class MIPT(nn.Module):
         state.pos = state.pos + 1
         return self.head(x), state
 
+    @cached_property
+    def _layer_states(self):
+        """Each layer's state kind and its tensors' shapes after the batch, from an empty state (a 0: a size that
+        grows, a KV cache's length or an unbounded cache's slots)."""
+        empty = [block.mix.init_state(1, 'meta', torch.float32) for block in self.blocks]
+        return [(type(e), [tuple(t.shape[1:]) for t in e.tensors()]) for e in empty]
+
     def _check_state(self, state):
-        """Each layer's state must be of this model's layer: its kind, widths and slots (a size that grows, a KV
-        cache's length or an unbounded cache's slots, may be any)."""
-        for i, (block, got) in enumerate(zip(self.blocks, state.layers)):
-            want = block.mix.init_state(1, 'meta', self.wte.weight.dtype)
-            shapes = [tuple(t.shape[1:]) for t in want.tensors()]
-            fits = isinstance(got, type(want)) and len(list(got.tensors())) == len(shapes) and all(
-                len(g.shape) - 1 == len(w) and all(a == b or b == 0 for a, b in zip(g.shape[1:], w))
-                for g, w in zip(got.tensors(), shapes))
+        """Each layer's state must be of this model's layer: its kind, widths and slots (sizes that grow may be any)."""
+        for i, (got, (kind, shapes)) in enumerate(zip(state.layers, self._layer_states)):
+            tensors = list(got.tensors())
+            fits = isinstance(got, kind) and len(tensors) == len(shapes) and all(
+                g.dim() - 1 == len(w) and all(a == b or b == 0 for a, b in zip(g.shape[1:], w))
+                for g, w in zip(tensors, shapes))
             if not fits:
-                raise ValueError(f"state layer {i} ({type(got).__name__}: {[tuple(t.shape) for t in got.tensors()]}) "
-                                 f"is not of this model's layer {i} ({type(want).__name__}: (B,) + {shapes}); decode "
+                raise ValueError(f"state layer {i} ({type(got).__name__}: {[tuple(t.shape) for t in tensors]}) "
+                                 f"is not of this model's layer {i} ({kind.__name__}: (B,) + {shapes}); decode "
                                  f"from this model's init_state or prefill")
 
     @torch.no_grad()
