@@ -17,26 +17,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import checkpoint  # noqa: E402
 from data.needle.prepare import make_needle  # noqa: E402
-from mipt import rank  # noqa: E402
 
 
 def caught(model, x, needle):
-    """x (B, T) ids, needle (B,) positions -> (caught (B,) bool, stored (B,) tokens in the last position's cache)."""
-    B, T = x.shape
-    scores = model.probe(x)['s']
-    hit = torch.zeros(B, dtype=torch.bool, device=x.device)
-    stored = torch.zeros(B, device=x.device)
-    for s in scores:
-        elig = s.float() > model.config.cache_tau
-        K = model.config.K
-        if K is None:
-            held = elig
-        else:
-            top = rank(torch.where(elig, s.float(), -1.0), torch.arange(T, device=x.device).expand(B, T))[:, :K]
-            held = torch.zeros_like(elig).scatter_(1, top, True) & elig
-        hit |= held.gather(1, needle[:, None])[:, 0]
-        stored += held.sum(1)
-    return hit, stored / max(1, len(scores))
+    """x (B, T) ids, needle (B,) positions -> (caught (B,) bool, stored (B,) tokens in the last position's cache,
+    averaged over layers), read from the decoding state that prefill exports: the exact cache, as decoding holds it."""
+    _, state = model.prefill(x)
+    slots = [st.cache.pos for st in state.layers if st.cache is not None]                # (B, n) each, -1 empty
+    if not slots:  # no cache (K=0)
+        return torch.zeros(len(x), dtype=torch.bool), torch.zeros(len(x))
+    hit = torch.stack([(pos == needle[:, None]).any(1) for pos in slots]).any(0)
+    stored = torch.stack([(pos >= 0).sum(1).float() for pos in slots]).mean(0)
+    return hit, stored
 
 
 def evaluate(run, lengths, device, batch_tokens=2 ** 18):
@@ -70,7 +62,9 @@ def evaluate(run, lengths, device, batch_tokens=2 ** 18):
             with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=device == 'cuda'):
                 logits, _ = model(x[i:i + bs].to(device))
             correct += int((logits.argmax(-1).cpu() == y[i:i + bs]).sum())
-        out['lengths'][str(n)] = {'acc': correct / len(x), 'state_bytes': model.state_bytes(model.init_state(1))}
+        with torch.no_grad():  # the decoding state after one whole sequence (an unbounded cache grows)
+            state_bytes = model.state_bytes(model.prefill(x[:1].to(device))[1])
+        out['lengths'][str(n)] = {'acc': correct / len(x), 'state_bytes': state_bytes}
     m['needle_eval'] = out
     with open(os.path.join(run, 'metrics.json.tmp'), 'w') as f:
         json.dump(m, f, indent=2)
