@@ -38,6 +38,57 @@ def test_dense_readout_gradcheck():
     assert torch.autograd.gradcheck(cache_attention_dense, args)
 
 
+def _fused_only(device):
+    """SDPA restricted to its fused kernels: the math backend, the one that builds the (T, T) matrix, is off."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    fused = [SDPBackend.FLASH_ATTENTION] + ([SDPBackend.EFFICIENT_ATTENTION] if device == 'cuda' else [])
+    return sdpa_kernel(fused)
+
+
+@pytest.mark.parametrize('T', [1, 37, 300])
+def test_dense_readout_runs_fused_on_the_cpu(T):
+    # FlashAttention's CPU kernel alone, forward and backward, against the reference's values and gradients
+    q, k, v, log_s, null_k, null_v = args = tuple(t.detach().float().requires_grad_() for t in _inputs(2, T, 3, 8))
+    cand, end = cache_plan(log_s.detach().exp(), None, -1.0, 16, 0, None)
+    ref = cache_attention_torch(q, k, v, log_s, end, cand, null_k, null_v, 16)
+    with _fused_only('cpu'):
+        out = cache_attention_dense(*args)
+        g = torch.randn_like(ref)
+        got = torch.autograd.grad((out * g).sum(), args)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for a, b in zip(torch.autograd.grad((ref * g).sum(), args), got):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_dense_readout_on_gpu_is_fused_and_linear_in_memory(dtype):
+    # values and gradients against float64 on the CPU, then the memory of a long sequence: far below one (T, T)
+    q, k, v, log_s, null_k, null_v = _inputs(2, 700, 4, 16, seed=11)
+    g = torch.randn(2, 700, 4, 16, dtype=torch.float64)
+    ref = cache_attention_dense(q, k, v, log_s, null_k, null_v)
+    want = torch.autograd.grad((ref * g).sum(), (q, k, v, log_s))
+    dev = [t.detach().cuda().to(dtype if t.dim() == 4 else torch.float32).requires_grad_()
+           for t in (q, k, v, log_s, null_k, null_v)]
+    with _fused_only('cuda'):
+        out = cache_attention_dense(*dev)
+        got = torch.autograd.grad((out * g.cuda().to(dtype)).sum(), dev[:4])
+    tol = 2e-3 if dtype == torch.float32 else 6e-2
+    assert (out.double().cpu() - ref.detach()).abs().max() < tol
+    for a, b in zip(want, got):
+        assert (b.double().cpu() - a).abs().max() < tol * (1 + a.abs().max())
+    T = 16384
+    big = [torch.randn(1, T, 4, 16, device='cuda', dtype=dtype, requires_grad=True) for _ in range(3)]
+    log_s = torch.randn(1, T, device='cuda').clamp(max=0).requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with _fused_only('cuda'):
+        cache_attention_dense(*big, log_s, dev[4], dev[5]).sum().backward()
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < T * T // 2   # 128 MiB; the math backend's (4, T, T) is 2 GiB+
+
+
 def _cache(signal, K=1, R=0, seed=0):
     torch.manual_seed(seed)
     return SparseCache(MIPTConfig(n_embd=16, n_head=2, cache_size=K, cache_explore=R, cache_chunk=4,
