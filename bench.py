@@ -73,6 +73,7 @@ import torch
 
 import engine
 import mipt
+import runs
 from checkpoint import die
 from configurator import configure
 from mipt import MIPT, MIPTConfig
@@ -331,7 +332,7 @@ class NoMixer(torch.nn.Module):
 
 def train_row(row, model, B, T, vocab):
     """Time one AdamW step of model on (B, T) random tokens under bf16 autocast into row."""
-    opt = model.configure_optimizers(0.1, 3e-4, (0.9, 0.95), 'cuda')
+    opt = runs.optimizer(model, 0.1, 3e-4, (0.9, 0.95), 'cuda')
     idx = torch.randint(0, vocab, (B, T + 1), device='cuda')
 
     def train_step():

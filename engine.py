@@ -16,13 +16,13 @@ cache preallocated to block_size and slides a window past it. sample.py and benc
 import contextlib
 import math
 from collections import namedtuple
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 
 from kernels import allow_recompiles
-from mipt import DecodeState, KVCache, check_decoding, sample
+from mipt import DecodeState, KVCache, State, check_decoding, sample
 
 Decoded = namedtuple('Decoded', 'token s state')  # what decode() yields for every new token
 
@@ -106,7 +106,7 @@ def graphed_step(model, state, dtype=None, compile=False):
         state = DecodeState(layers=[to_static(st, block_size) for st in state.layers], pos=state.pos,
                             pooled=state.pooled)
     kv = {id(t) for st in state.layers if isinstance(st, StaticKVCache) for t in (st.k, st.v)}
-    static = state.map(lambda t: t.to(dev) if id(t) in kv else t.to(dev).clone())
+    static = map_state(state, lambda t: t.to(dev) if id(t) in kv else t.to(dev).clone())
     static.pos = torch.as_tensor(state.pos, device=dev).clone()  # a tensor, so that it is not baked in
     tok = torch.zeros(static.batch_size, dtype=torch.long, device=dev)
     ctx = torch.autocast('cuda', dtype=dtype, cache_enabled=False) if dtype else contextlib.nullcontext()
@@ -123,7 +123,7 @@ def graphed_step(model, state, dtype=None, compile=False):
 
     # to undo each warm-up step; not the static KV cache, whose warm-up write lies at position pos, masked
     # until the first real step overwrites it (one copy of the largest state, not two)
-    saved = static.map(lambda t: t if id(t) in kv else t.clone())
+    saved = map_state(static, lambda t: t if id(t) in kv else t.clone())
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.device(dev), linears_cast(model, dtype) as cast:  # Linear weights cast once, not per token
         side = torch.cuda.Stream(dev)
@@ -155,9 +155,17 @@ def step_into(model, idx_t, state):
     and writes fixed memory). state.pos must be a tensor. Returns the logits."""
     if not torch.is_tensor(state.pos):
         raise ValueError("step_into advances state.pos in place: it must be a tensor (use model.step for an int)")
-    logits, new = model.step(idx_t, state.map(lambda t: t))  # a shallow copy: step rebinds its fields
+    logits, new = model.step(idx_t, map_state(state, lambda t: t))  # a shallow copy: step rebinds its fields
     copy_state_(state, new)
     return logits
+
+
+def map_state(state, fn):
+    """A new state (a mipt.State) of the same structure with fn applied to every tensor."""
+    def m(x):
+        return fn(x) if torch.is_tensor(x) else map_state(x, fn) if isinstance(x, State) else x
+    return type(state)(**{f.name: ([m(x) for x in v] if isinstance(v := getattr(state, f.name), list) else m(v))
+                          for f in fields(state)})
 
 
 def copy_state_(dst, src):

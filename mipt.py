@@ -1,59 +1,43 @@
 """
 mipt.py: MIPT-SSM in one file.
 
-MIPT-SSM (Y. Fan, arXiv 2604.07716) is a sequence model whose state is a complex "wave" h_t in C^D.
-Each token measures the state at a learned rate p_t in (0, 1), per channel:
+MIPT-SSM (Y. Fan, arXiv 2604.07716) is a sequence model whose state is a complex "wave" h_t in C^D. Each token
+measures the state at a learned rate p_t in (0, 1), per channel:
 
     h_t = (1 - p_t) * exp(i theta_t) * h_{t-1}  +  p_t * u_t          y_t = Re h_t
 
-* p -> 0, the wave phase: the state only rotates. Its norm is kept, so old tokens interfere
-  instead of being forgotten.
-* p -> 1, the particle phase: the state collapses onto the current token u_t.
+As p -> 0 (the wave phase) the state only rotates, keeping its norm: old tokens interfere instead of being
+forgotten. As p -> 1 (the particle phase) it collapses onto the current token u_t. A per-token gate escapes the
+paper's no-go theorem (one fixed operator cannot both keep every norm and erase a chosen state). The recurrence is
+a linear scan h_t = a_t h_{t-1} + b_t: parallel over time in training, one token at a time in decoding.
 
-Because the gate changes from token to token, the layer escapes the paper's no-go theorem (one fixed
-operator cannot both keep every norm and erase a chosen state). The recurrence is a first-order linear
-scan h_t = a_t h_{t-1} + b_t, so training runs it in parallel over time and decoding runs it one token
-at a time with O(1) state.
-
-Tokens measured hard are "facts": a causal sparse cache keeps the K tokens with the highest score
-s_t = mean_d p_t and every position reads it with attention, fused into y through a sigmoid gate.
-Decoding then needs O(D) state plus an O(K D) cache per layer, where a Transformer needs O(T D).
-Selection itself has no gradient, so training gives the scores a signal of their own (cache_signal):
-R earlier positions attended beside the cache, drawn uniformly or by s ('explore', 'weighted'), or soft
-selection over every earlier position ('dense'; with p_penalty as a capacity cost, so that few tokens keep
-a high score), or 'mixed', a coin per layer and training step between 'dense' and 'explore'. Every
-position is scored with the same log s_j bias. Eval and decoding always read the exact cache.
+Tokens measured hard are "facts": a causal sparse cache keeps the K tokens with the highest score s_t = mean_d p_t,
+read with attention and fused into y through a sigmoid gate, so decoding needs O(D) state plus an O(K D) cache
+per layer, where a Transformer needs O(T D). Selection has no gradient, so training gives the scores a signal of
+their own (cache_signal): R earlier positions attended beside the cache, drawn uniformly or by s ('explore',
+'weighted'); soft selection over every earlier position ('dense', with p_penalty as a capacity cost); or 'mixed',
+a coin per layer and training step between 'dense' and 'explore'. Every position is scored with the same log s_j
+bias. Eval and decoding always read the exact cache.
 
 Glossary (code name: paper symbol, shape)
-    logit   W_p x_t + bias           pre-sigmoid measurement, (B, T, D); its bias starts at
-                                     logit(p_init) = logit(0.1), so a fresh model is in the wave phase
-    p       p_t = sigmoid(logit)     measurement rate, (B, T, D)
-    theta   theta_t = W_theta x_t    phase angle, (B, T, D); weights start 10x smaller than the rest
+    logit   W_p x_t + bias          pre-sigmoid measurement, (B, T, D); bias starts at logit(p_init): wave phase
+    p       p_t = sigmoid(logit)    measurement rate, (B, T, D)
+    theta   theta_t = W_theta x_t   phase angle, (B, T, D); its weights start 10x smaller than the rest
     u       u_t = W_r x_t + i W_i x_t   the token written into the state, complex (B, T, D)
     a, b    a_t = (1-p_t) e^{i theta_t}, b_t = p_t u_t   the scan's gate and input, complex (B, T, D)
-    h       h_t                      the complex state, (B, T, D); h_0 = 0
-    y       y_t = Re h_t             the layer's output, (B, T, D)
-    s       s_t = mean_d p_t         a token's measurement score, (B, T)
-    tau     cache_tau                a token is eligible for the cache when s_t > tau
-    K       cache_size               cache slots per layer (0: no cache, -1: unbounded, None inside)
-    L       cache_chunk              query chunk of the cache's training path
-    end     cache_intervals          token j is in the cache of queries j <= i < end_j, (B, T)
-    R       cache_explore            training only: random earlier positions each query also attends to
-                                     (-1: all of them, i.e. dense soft selection, None inside; 0: off)
-    signal  cache_signal             training only, how s learns what to keep: 'explore' (R uniform
-                                     draws), 'weighted' (R draws by s, Gumbel-top-R), 'dense' (every j <= i),
-                                     'mixed' (dense or explore, a coin per layer and step)
-    readout readout                  classifier: 'last' reads the final hidden state at the last real
-                                     token; 'mean' its running mean over positions (the paper's demo)
-    state   DecodeState              decoding: per layer a MIPTState (h (B, D) complex, s (B,), cache:
-                                     CacheSlots k, v (B, H, K, hd), score, pos (B, K)) or the twin's KVCache;
-                                     pos, the tokens consumed; pooled (B, D), the running sum for 'mean'
+    h, y    h_t, y_t = Re h_t       the complex state (h_0 = 0) and the layer's output, (B, T, D)
+    s       s_t = mean_d p_t        a token's measurement score, (B, T)
+    tau     cache_tau               a token is eligible for the cache when s_t > tau
+    K       cache_size              cache slots per layer (0: no cache, -1: unbounded, None inside)
+    L       cache_chunk             query chunk of the cache's training path
+    end     cache_intervals         token j is in the cache of queries j <= i < end_j, (B, T)
+    R       cache_explore           training: earlier positions each query also attends to (0 off, -1 all)
+    state   DecodeState             per layer a MIPTState (h (B, D), s (B,), CacheSlots k, v (B, H, K, hd),
+                                    score, pos (B, K)) or the twin's KVCache; pos; pooled (B, D) for 'mean'
 
-Contents, top to bottom: config and the dtype policy, scans, the MIPT recurrence, the decoding state, the
-causal sparse cache, the layer and the block, the model (forward, step, prefill, generate), and the
-Transformer twin. The file needs torch alone. Beside it, kernels.py holds the fast paths (the fused CUDA
-scan, the fused cache read-out, the compiled cache plan), each one call from here that falls back to the
-PyTorch code here; engine.py holds fast decoding (CUDA graphs, compiled steps, the sliding window).
+The file needs torch alone. Beside it, kernels.py holds the fast paths (fused CUDA scan, fused cache read-out,
+compiled cache plan), each one call from here that falls back to the code here; engine.py fast decoding.
+
 """
 
 import math
@@ -128,18 +112,15 @@ class MIPTConfig:
             _need(self.p_penalty == 0.0, "p_penalty only applies to mixer='mipt'")
 
     @property
-    def K(self):
-        """Cache slots: None when unbounded."""
+    def K(self):  # cache slots, None when unbounded
         return _unbounded(self.cache_size)
 
     @property
-    def R(self):
-        """Exploration candidates per query: None for every earlier position."""
+    def R(self):  # exploration candidates per query, None for every earlier position
         return _unbounded(self.cache_explore)
 
     def usage_warning(self):
-        """A valid setting that defeats its purpose, as one line, or None. Exploration that reaches every earlier
-        position (R = -1, or R >= block_size) in a model with a cache never trains the exact cache alone."""
+        """A valid setting that defeats its purpose, as one line, or None."""
         if self.mixer == 'mipt' and self.cache_size != 0 and self.cache_signal != 'dense' and (
                 self.R is None or self.R >= self.block_size):
             how = '(all)' if self.R is None else f'>= block_size={self.block_size}'
@@ -154,20 +135,18 @@ def _need(ok, msg):
         raise ValueError(msg)
 
 
-def _unbounded(n):
-    """A config's -1 ("unbounded", "all") as the None that the code inside reads."""
+def _unbounded(n):  # a config's -1 ("unbounded", "all") as the None that the code reads
     return None if n == -1 else n
 
 
 def acc_dtype(dtype):
-    """THE dtype policy. Weights and activations may run in bf16 or fp16 (autocast); what accumulates over tokens or
-    sums to one (the state h, softmaxes, the loss, sampling) runs in float32 at least (float64 in a float64 model).
-    PyTorch has no complex bf16 anyway."""
+    """THE dtype policy: weights and activations may run in bf16 or fp16 (autocast); what accumulates over tokens or
+    sums to one (the state h, softmaxes, the loss, sampling) runs in float32 at least (float64 in a float64 model)."""
     return torch.promote_types(dtype, torch.float32)
 
 
 def complex_dtype(dtype):
-    """The state's complex dtype for a real dtype, by the policy above."""
+    """The state's complex dtype, by the policy above (PyTorch has no complex bf16)."""
     return torch.complex128 if acc_dtype(dtype) == torch.float64 else torch.complex64
 
 
@@ -176,7 +155,7 @@ def complex_dtype(dtype):
 
 
 def scan_ref(a, b, h0=None):
-    """The reference: a sequential loop over time. a, b complex (B, T, D); h0 (B, D) or None."""
+    """The reference, a loop over time. a, b complex (B, T, D); h0 (B, D) or None."""
     h = torch.zeros_like(b[:, 0]) if h0 is None else h0.to(b.dtype)
     hs = []
     for t in range(a.shape[1]):
@@ -186,15 +165,9 @@ def scan_ref(a, b, h0=None):
 
 
 def scan(a, b, h0=None):
-    """The same function in parallel over time: a chunked scan, exact and differentiable.
-
-    Time is cut into C chunks of L ~ sqrt(T) steps. (1) Each chunk scans its own steps from a zero
-    state, all chunks at once, and keeps the running product of its gates. (2) A short loop over chunks
-    carries the state from one chunk to the next. (3) Each step adds its chunk's incoming state times
-    its running gate product. That is L + C sequential steps over (B, C, D) tensors instead of T over
-    (B, D), with O(B T D) memory. Only forward multiplications: no division by gate products, which
-    lose precision when |a| is near 1.
-    """
+    """The same in parallel over time, exact and differentiable: time is cut into C chunks of L ~ sqrt(T) steps,
+    so that L + C sequential steps over (B, C, D) tensors replace T over (B, D), in O(B T D) memory. No division
+    by gate products, which lose precision when |a| is near 1."""
     B, T, D = b.shape
     L = max(1, math.isqrt(T))
     C = -(-T // L)
@@ -202,11 +175,10 @@ def scan(a, b, h0=None):
     if pad:  # identity steps at the end change nothing before them
         a = torch.cat([a, a.new_ones(B, pad, D)], dim=1)
         b = torch.cat([b, b.new_zeros(B, pad, D)], dim=1)
-    a = a.view(B, C, L, D)
-    b = b.view(B, C, L, D)
-    # (1) local scans and running gate products, all chunks at once
-    h = b.new_zeros(B, C, D)
-    A = a.new_ones(B, C, D)
+    a, b = a.view(B, C, L, D), b.view(B, C, L, D)
+    # (1) each chunk scans from a zero state, all chunks at once, and keeps its running gate products
+    h, A = b.new_zeros(B, C, D), a.new_ones(B, C, D)
+
     hs, As = [], []
     for l in range(L):
         h = a[:, :, l] * h + b[:, :, l]
@@ -215,26 +187,24 @@ def scan(a, b, h0=None):
         As.append(A)
     h_loc = torch.stack(hs, dim=2)  # (B, C, L, D)
     A_loc = torch.stack(As, dim=2)  # (B, C, L, D)
-    # (2) the state entering each chunk
+    # (2) a loop over chunks: the state entering each chunk
     carry = b.new_zeros(B, D) if h0 is None else h0.to(b.dtype)
     starts = []
     for c in range(C):
         starts.append(carry)
         carry = A_loc[:, c, -1] * carry + h_loc[:, c, -1]
     start = torch.stack(starts, dim=1)  # (B, C, D)
-    # (3) fix-up
+    # (3) each step adds its chunk's incoming state times its running gate product
     h = h_loc + A_loc * start[:, :, None]
     return h.reshape(B, C * L, D)[:, :T]
 
 
 # -----------------------------------------------------------------------------
-# The fast paths: each is one call, kernels().<name>(..., impl=<the config's setting>, reference=<the PyTorch
-# function of this file>). kernels.py, beside this file, runs its fused kernel where impl and the tensors
-# allow, and the reference otherwise. Without kernels.py every call runs its reference.
+# The fast paths: kernels().<name>(*args, impl=<the config's setting>, reference=<this file's PyTorch function>)
+# runs kernels.py's fused kernel where impl and the tensors allow, else the reference (always, without kernels.py)
 
 
 def kernels():
-    """kernels.py, imported on first use, or a stand-in that runs every reference."""
     global _KERNELS
     if _KERNELS is None:
         try:
@@ -250,9 +220,7 @@ def kernels():
 _KERNELS = None
 
 
-class _ReferenceOnly:
-    """What kernels() returns without kernels.py."""
-
+class _ReferenceOnly:  # kernels() without kernels.py
     def __getattr__(self, name):
         def reference_only(*args, impl, reference):
             if impl not in ('auto', 'torch'):
@@ -266,17 +234,15 @@ class _ReferenceOnly:
 
 
 def mipt_recurrence(logit, theta, u_re, u_im, h0=None, impl='auto'):
-    """The MIPT recurrence from the layer's projections. Inputs (B, T, D) real, h0 (B, D) complex or None.
-    Returns y = Re h (B, T, D) and the last state h_T (B, D), in acc_dtype (float32 also under bf16 autocast).
-    On a GPU the fast path is one fused CUDA kernel (kernels.cu), which computes p, a and b in registers and
-    never writes them to memory; tests check it against recurrence_torch."""
+    """The recurrence from the layer's projections (B, T, D) and h0 (B, D) complex or None. Returns y = Re h
+    (B, T, D) and h_T (B, D) in acc_dtype. On a GPU, one fused CUDA kernel computes p, a and b in registers."""
     if logit.shape[1] == 1 and impl != 'cuda':  # one step (decoding) needs no scan
         return recurrence_step(logit[:, 0], theta[:, 0], u_re[:, 0], u_im[:, 0], h0)
     return kernels().recurrence(logit, theta, u_re, u_im, h0, impl=impl, reference=recurrence_torch)
 
 
 def recurrence_torch(logit, theta, u_re, u_im, h0=None):
-    """The reference path of mipt_recurrence: the gates and inputs as complex tensors, then the scan."""
+    """The reference: the gates and inputs as complex tensors, then the scan."""
     dtype = acc_dtype(logit.dtype)
     p = torch.sigmoid(logit.to(dtype))
     a = torch.polar(1 - p, theta.to(dtype))             # (B, T, D) complex
@@ -286,9 +252,8 @@ def recurrence_torch(logit, theta, u_re, u_im, h0=None):
 
 
 def recurrence_step(logit, theta, u_re, u_im, h0=None):
-    """One step, h = (1 - p) e^{i theta} h0 + p u, in real arithmetic: elementwise work that torch.compile
-    fuses into the decoding step (no complex tensors but the state's view). Inputs (B, D); returns y (B, 1, D)
-    and h (B, D), as mipt_recurrence."""
+    """One step in real arithmetic, which torch.compile fuses into the decoding step. Inputs (B, D); returns
+    y (B, 1, D) and h (B, D)."""
     dtype = acc_dtype(logit.dtype)
     p = torch.sigmoid(logit.to(dtype))
     r = 1 - p                                                                   # |a|
@@ -304,15 +269,14 @@ def recurrence_step(logit, theta, u_re, u_im, h0=None):
 
 
 # -----------------------------------------------------------------------------
-# The decoding state: one small object per mixer, and the model's DecodeState around them (after
-# nanochat's KVCache). Every tensor of a state is reachable through tensors(), which byte counts use.
+# The decoding state: one small object per mixer, and the model's DecodeState around them (after nanochat's
+# KVCache)
 
 
 class State:
-    """Base of the state objects: dataclasses whose fields are tensors, other States, lists of them, or
-    plain values."""
+    """Dataclasses whose fields are tensors, other States, lists of them, or plain values."""
 
-    def tensors(self):
+    def tensors(self):  # every tensor, which byte counts use
         for f in fields(self):
             v = getattr(self, f.name)
             for x in (v if isinstance(v, list) else [v]):
@@ -320,13 +284,6 @@ class State:
                     yield x
                 elif isinstance(x, State):
                     yield from x.tensors()
-
-    def map(self, fn):
-        """A new state of the same structure with fn applied to every tensor."""
-        def m(x):
-            return fn(x) if torch.is_tensor(x) else x.map(fn) if isinstance(x, State) else x
-        return type(self)(**{f.name: ([m(x) for x in v] if isinstance(v := getattr(self, f.name), list) else m(v))
-                             for f in fields(self)})
 
 
 @dataclass
@@ -337,20 +294,17 @@ class CacheSlots(State):
     score: torch.Tensor      # (B, K) s_j of the cached token
     pos: torch.Tensor        # (B, K) its position
 
-    def grow(self):
-        """One more empty slot (the unbounded cache)."""
+    def grow(self):  # one more empty slot (the unbounded cache)
         return CacheSlots(k=F.pad(self.k, (0, 0, 0, 1)), v=F.pad(self.v, (0, 0, 0, 1)),
                           score=F.pad(self.score, (0, 1), value=-math.inf), pos=F.pad(self.pos, (0, 1), value=-1))
 
-    def compact(self):
-        """Drop the slots that are empty in every row (the unbounded cache holds only what it stored)."""
+    def compact(self):  # drop the slots empty in every row: the unbounded cache holds what it stored
         n = int((self.pos >= 0).sum(1).max()) if self.pos.numel() else 0
         return CacheSlots(k=self.k[:, :, :n], v=self.v[:, :, :n], score=self.score[:, :n], pos=self.pos[:, :n])
 
 
 @dataclass
 class MIPTState(State):
-    """A MIPT layer's decoding state: the complex state h, the last token's score, the cache slots."""
     h: torch.Tensor                      # (B, D) complex
     s: torch.Tensor                      # (B,) score s_t of the token just consumed
     cache: CacheSlots = None             # None without a cache (K = 0)
@@ -358,11 +312,9 @@ class MIPTState(State):
 
 @dataclass
 class DecodeState(State):
-    """The whole model's decoding state: one state per layer, the position (kept once), and for
-    readout='mean' the running sum of the final hidden states."""
-    layers: list = field(default_factory=list)
+    layers: list = field(default_factory=list)  # one state per layer
     pos: object = 0                      # tokens consumed: an int, or a device tensor under a CUDA graph
-    pooled: torch.Tensor = None          # (B, D) readout='mean' only
+    pooled: torch.Tensor = None          # (B, D) readout='mean': the running sum of the final hidden states
 
     @property
     def batch_size(self):
@@ -372,13 +324,11 @@ class DecodeState(State):
 # -----------------------------------------------------------------------------
 # The causal sparse cache
 #
-# THE RULE, defined once by rank() and used by training (select_cache), decoding (SparseCache.step) and
-# the state that prefill exports (probe's count, min(K, #eligible), follows from it): a token outranks
-# another when its score s is higher, or when the scores are equal and it came earlier. The cache at
-# position i holds the K best-ranked eligible tokens (s_j > tau) among positions j <= i. In decoding, a
-# newcomer is the latest token, so it enters a full cache only when its score is strictly higher than the
-# weakest slot's, and evicts that slot. sigmoid saturates to exactly 1.0 in float32, so ties are common:
-# torch.topk alone would not do.
+# THE RULE, defined once by rank() and used in training (select_cache), decoding (SparseCache.step) and
+# prefill's state: a token outranks another when its score s is higher, or equal and earlier. The cache at
+# position i holds the K best-ranked eligible tokens (s_j > tau) among j <= i; in decoding a newcomer enters a full
+# cache only when its score is strictly above the weakest slot's, which it evicts. sigmoid saturates to exactly
+# 1.0 in float32, so ties are common: torch.topk alone would not do.
 
 
 def rank(score, pos):
@@ -390,16 +340,11 @@ def rank(score, pos):
 
 @torch.no_grad()
 def select_cache(s, K, tau, L):
-    """Exact causal cache membership for every position, without a loop over time.
-
-    s: (B, T) scores; K: slots (None = unbounded). Positions are cut into C chunks of L queries. A chunk's
-    candidates are the cache carried in from all earlier chunks plus its own L positions, since the top-K
-    of a union is the top-K of the parts' top-Ks. Memory is O(T (K + L)); unbounded carries every earlier
-    eligible token, so it is quadratic by nature.
-
-    Returns cand (B, C, K + L) candidate positions (-1 = none) and member (B, C, L, K + L), True where
-    candidate j is in the cache of the chunk's query l.
-    """
+    """Exact causal cache membership for every position, without a loop over time. s (B, T); K None: unbounded.
+    Queries are cut into C chunks of L; a chunk's candidates are the cache carried in from earlier chunks plus its
+    own L positions (the top-K of a union is the top-K of the parts' top-Ks): O(T (K + L)) memory, quadratic when
+    unbounded. Returns cand (B, C, K + L) candidate positions (-1 = none) and member (B, C, L, K + L), True where
+    candidate j is in the cache of the chunk's query l."""
     B, T = s.shape
     C = -(-T // L)
     Kc = T if K is None else K                                                          # carried slots
@@ -433,12 +378,9 @@ def select_cache(s, K, tau, L):
 
 @torch.no_grad()
 def cache_intervals(cand, member, T):
-    """Cache membership as one interval per token: token j is in the cache of the queries j <= i < end_j.
-
-    By THE RULE a token enters (if ever) at its own position and, once outranked by K later ones, never
-    returns, so select_cache's (B, C, L, N) membership collapses into end (B, T), one past the last query
-    that holds it (end_j <= j: never cached). cand (B, C, N) is kept as each chunk's list of candidates,
-    with the padding beyond T set to -1."""
+    """Membership as one interval per token: j is in the cache of the queries j <= i < end_j (B, T). By THE RULE a
+    token enters (if ever) at its own position and, once outranked by K later ones, never returns. cand (B, C, N)
+    stays each chunk's list, the padding beyond T set to -1."""
     B, C, L, N = member.shape
     qpos1 = torch.arange(1, C * L + 1, device=cand.device, dtype=torch.int32).view(1, C, L, 1)
     last = torch.where(member, qpos1, 0).amax(2)                                      # (B, C, N) int32
@@ -450,14 +392,10 @@ def cache_intervals(cand, member, T):
 
 @torch.no_grad()
 def add_exploration(noise, R, L, cand, end):
-    """Training only: beside the exact cache, each query also attends to R random positions j <= i.
-
-    They are drawn as a second "cache" over the random keys noise (B, T) (a causal reservoir sample: the
-    top-R of uniform keys among j <= i is a uniform R-subset; of log s_j + Gumbel keys, a draw without
-    replacement with probability by s_j), so select_cache builds them and
-    causality holds by construction. R = None attends to every earlier position (dense soft selection).
-    Both are intervals that start at j, so their union is one: end_j is the later of the two ends. An
-    explored token already in a chunk's carried cache is listed once. Returns the widened (cand, end)."""
+    """Training only: each query also attends to R random positions j <= i (None: all), a second "cache" that
+    select_cache builds over random keys noise (B, T), causal by construction: the top-R of uniform keys is a
+    uniform R-subset, of log s_j + Gumbel keys a draw by s without replacement. Both are intervals from j, so
+    their union is one (the later end); a token in both carried lists is listed once."""
     xcand, xend = cache_intervals(*select_cache(noise, R, -math.inf, L), noise.shape[1])
     Kc, Rc = cand.shape[2] - L, xcand.shape[2] - L
     carry, xcarry = cand[..., :Kc], xcand[..., :Rc]                                  # (B, C, Kc), (B, C, Rc)
@@ -468,18 +406,16 @@ def add_exploration(noise, R, L, cand, end):
 
 @torch.no_grad()
 def cache_plan(s, K, tau, L, R, noise):
-    """Who attends to whom in training: (cand (B, C, N), end (B, T)) for the exact cache, widened by
-    exploration when noise (B, T) holds random keys (None: exact only, as in eval)."""
+    """Who attends to whom: (cand (B, C, N), end (B, T)) of the exact cache, widened by exploration when noise
+    (B, T) holds random keys (None: exact only, as in eval)."""
     cand, end = cache_intervals(*select_cache(s, K, tau, L), s.shape[1])
     return (cand, end) if noise is None else add_exploration(noise, R, L, cand, end)
 
 
 def cache_attention_torch(q, k, v, log_s, end, cand, null_k, null_v, L):
-    """The cache's training-time read-out, the reference (kernels.py fuses it on a GPU).
-
-    q, k, v (B, T, H, hd); log_s, end (B, T); cand (B, C, N); null_k, null_v (H, hd). Query i attends to
-    the null slot and to the candidates j of its chunk with j <= i < end_j, with log s_j added to the
-    logit. Returns (B, T, H, hd)."""
+    """The cache's training read-out, the reference. q, k, v (B, T, H, hd); log_s, end (B, T); cand (B, C, N);
+    null_k, null_v (H, hd). Query i attends to the null slot and to its chunk's candidates j with j <= i < end_j,
+    log s_j added to the logit. Returns (B, T, H, hd)."""
     B, T, H, hd = q.shape
     C, N = cand.shape[1], cand.shape[2]
     q = F.pad(q, (0, 0, 0, 0, 0, C * L - T)).view(B * C, L, H, hd).transpose(1, 2)    # (B*C, H, L, hd)
@@ -496,12 +432,10 @@ def cache_attention_torch(q, k, v, log_s, end, cand, null_k, null_v, L):
 
 
 def cache_attention_dense(q, k, v, log_s, null_k, null_v):
-    """Soft selection, the 'dense' training signal: query i attends to the null slot and to every j <= i, with
-    log s_j added to the logit, so that every score gets a gradient. One causal attention call (FlashAttention on a
-    GPU: no (T, T) tensor is kept) with log s_j carried in an extra key channel: q' = [q, sqrt(hd)], k' = [k, log s],
-    so that q' k' / sqrt(hd) = q k / sqrt(hd) + log s_j; 8 extra channels keep the head size a multiple of 8. The
-    null slot is a key before position 0, seen by every query (a dummy query in front keeps the causal mask square).
-    q, k, v (B, T, H, hd); log_s (B, T). Returns (B, T, H, hd), as cache_attention_torch with every j <= i visible."""
+    """Soft selection ('dense'): cache_attention_torch with every j <= i visible, so every score gets a gradient.
+    One causal attention call (no (T, T) tensor on a GPU), log s_j carried in an extra key channel: q' = [q,
+    sqrt(hd)], k' = [k, log s], padded to 8 channels; the null slot is a key before position 0 (a dummy query in
+    front keeps the mask square). q, k, v (B, T, H, hd); log_s (B, T). Returns (B, T, H, hd)."""
     B, T, H, hd = q.shape
     e = 8
     q_extra = F.pad(q.new_full((B, T, H, 1), math.sqrt(hd)), (0, e - 1))
@@ -515,10 +449,8 @@ def cache_attention_dense(q, k, v, log_s, null_k, null_v):
 
 
 class SparseCache(nn.Module):
-    """Reads the cache with multi-head attention and fuses it into y: out = y + g * attend(q, cache).
-
-    Keys and values are projected from y_j; log s_j is added to the logits, so p learns what is worth
-    storing. A learned null slot makes an empty cache well defined."""
+    """Reads the cache with multi-head attention and fuses it into y: out = y + g * attend(q, cache). Keys and
+    values come from y_j, log s_j is added to the logits; a learned null slot makes an empty cache well defined."""
 
     def __init__(self, config):
         super().__init__()
@@ -532,8 +464,7 @@ class SparseCache(nn.Module):
         self.null_v = nn.Parameter(torch.zeros(H, D // H))
 
     def plan(self, s):
-        """Who attends to whom, (cand, end): the exact causal cache, which eval and decoding read, widened in
-        training by R earlier positions per query, drawn uniformly ('explore') or by s ('weighted')."""
+        """(cand, end): the exact cache, widened in training by R positions drawn uniformly or by s ('weighted')."""
         noise = None
         if self.training and self.R != 0:
             noise = torch.rand_like(s, dtype=torch.float32)                                 # (B, T)
@@ -542,7 +473,7 @@ class SparseCache(nn.Module):
         return kernels().cache_plan(s, self.K, self.tau, self.L, self.R, noise, impl=self.impl, reference=cache_plan)
 
     def soft(self):
-        """Whether this training step reads by soft selection ('dense', or 'mixed' on heads of its coin)."""
+        """Whether this training step reads every j <= i ('dense', or 'mixed' on heads of its coin)."""
         return self.training and (self.signal == 'dense' or self.signal == 'mixed' and bool(torch.rand(()) < 0.5))
 
     def forward(self, y, s, want_state=False):
@@ -560,8 +491,8 @@ class SparseCache(nn.Module):
         out = y + torch.sigmoid(self.gate(y)) * self.proj(att)
         if not want_state:
             return out, None
-        # the decoding state after the last position: its row's exact cache, packed best first by THE RULE
-        if self.training:  # the selection signal may have widened the plan; the state holds the exact cache alone
+        # the state after the last position: its row's exact cache, best first by THE RULE
+        if self.training:  # the selection signal may have widened the plan
             cand, end = cache_plan(s.detach(), self.K, self.tau, L, self.R, None)
         N = cand.shape[2]
         last = cand[:, (T - 1) // L]                                               # (B, N) the last chunk's list
@@ -583,7 +514,7 @@ class SparseCache(nn.Module):
                           pos=torch.full((B, K), -1, dtype=torch.long, device=device))
 
     def step(self, y, s, t, slots):
-        """One position. y (B, D), s (B,), t the position; returns the output (B, D) and the new slots."""
+        # one position: y (B, D), s (B,), t the position -> the output (B, D), the new slots
         B, D = y.shape
         H, hd = self.n_head, D // self.n_head
         q, k, v = self.qkv(y).view(B, 3, H, hd).unbind(1)   # (B, H, hd) each
@@ -611,10 +542,9 @@ class SparseCache(nn.Module):
 # -----------------------------------------------------------------------------
 # The layer and the block
 #
-# The mixer protocol (MIPTLayer and the twin's SelfAttention; the peers in peers.py follow it too):
-#   forward(x (B, T, D), want_state) -> (out (B, T, D), s (B, T) or None, state or None)
-#   init_state(B, device, dtype)     -> the state before any token
-#   step(x (B, D), state, pos)       -> (out (B, D), new state): one token at position pos
+# A mixer (MIPTLayer, the twin's SelfAttention, the peers in peers.py) has forward(x (B, T, D), want_state) ->
+# (out (B, T, D), s (B, T) or None, state or None), init_state(B, device, dtype) and step(x (B, D), state, pos) ->
+# (out (B, D), new state)
 
 
 class MIPTLayer(nn.Module):
@@ -628,14 +558,14 @@ class MIPTLayer(nn.Module):
         self.cache = SparseCache(config) if config.cache_size != 0 else None
 
     def recur(self, x, h0=None):
-        """x (B, T, D), normalised -> y = Re h (B, T, D), the last state h_T (B, D), the scores s (B, T)."""
+        # x (B, T, D) normalised -> y = Re h (B, T, D), h_T (B, D), s (B, T)
         logit, theta, u_re, u_im = self.proj(x).chunk(4, dim=-1)              # (B, T, D) each
         y, h_last = mipt_recurrence(logit, theta, u_re, u_im, h0, impl=self.scan_impl)
         return y, h_last, torch.sigmoid(logit.to(y.dtype)).mean(-1)
 
     def forward(self, x, want_state=False):
         if self.recompute and self.training and torch.is_grad_enabled() and not want_state:
-            # less memory: autograd keeps x alone and replays this forward (its random draws too) in backward
+            # autograd keeps x alone and replays this forward (its random draws too) in backward
             return torch.utils.checkpoint.checkpoint(self._forward, x, False, use_reentrant=False)
         return self._forward(x, want_state)
 
@@ -670,8 +600,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """LayerNorm -> mixer (MIPT + cache, or attention) -> residual -> LayerNorm -> FFN -> residual (mlp=False:
-    the first residual alone)."""
+    """LayerNorm -> mixer -> residual -> LayerNorm -> FFN -> residual (mlp=False: the first residual alone)."""
+
 
     def __init__(self, config):
         super().__init__()
@@ -698,8 +628,8 @@ class Block(nn.Module):
 
 
 def init_weights(module, n_layer, residual=('c_proj.weight', 'cache.proj.weight')):
-    """GPT-2's initialisation, in place: every Linear and Embedding weight N(0, 0.02), biases zero, and the
-    projections into the residual stream (parameter names ending in `residual`) N(0, 0.02 / sqrt(2 n_layer))."""
+    """GPT-2's initialisation, in place: Linear and Embedding weights N(0, 0.02), biases zero, and the projections
+    into the residual stream (names ending in `residual`) N(0, 0.02 / sqrt(2 n_layer))."""
     def one(m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, 0.0, 0.02)
@@ -712,15 +642,11 @@ def init_weights(module, n_layer, residual=('c_proj.weight', 'cache.proj.weight'
 
 
 def check_decoding(config, max_new_tokens, temperature, top_k):
-    """The decoding arguments that the model and sample() accept (generate and engine.decode check them)."""
-    if config.n_classes:
-        raise ValueError("decoding needs a language model; this model is a classifier (n_classes > 0)")
-    if temperature < 0 or not math.isfinite(temperature):
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 0:
-        raise ValueError(f"top_k must be >= 1, or 0/None for every token, got {top_k}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    """The decoding arguments that generate and engine.decode accept."""
+    _need(not config.n_classes, "decoding needs a language model; this model is a classifier (n_classes > 0)")
+    _need(temperature >= 0 and math.isfinite(temperature), f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    _need(top_k is None or top_k >= 0, f"top_k must be >= 1, or 0/None for every token, got {top_k}")
+    _need(max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {max_new_tokens}")
 
 
 def sample(logits, temperature=1.0, top_k=None):
@@ -736,16 +662,14 @@ def sample(logits, temperature=1.0, top_k=None):
     return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)[:, 0]
 
 
-def _traced():
-    """Inside a CUDA graph capture or torch.compile, where reading a value back to the host is not allowed."""
+def _traced():  # inside a CUDA graph capture or torch.compile, where a read back to the host is not allowed
     return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 class MIPT(nn.Module):
-    """A language model (n_classes = 0, head tied to the embedding) or a classifier read causally at each
-    sequence's last real token (readout='last') or from the running mean up to it (readout='mean').
-    mixer='attention' turns it into the Transformer twin: the same embedding, LayerNorms, FFN, head and
-    initialisation, plus learned positions."""
+    """A language model (n_classes = 0, head tied to the embedding) or a classifier read causally at each row's
+    last real token (readout='last') or from the running mean up to it ('mean'). mixer='attention' makes it the
+    Transformer twin: the same model around the mixer, plus learned positions."""
 
     def __init__(self, config):
         super().__init__()
@@ -778,8 +702,7 @@ class MIPT(nn.Module):
     def _check_ids(self, idx):
         if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
             raise TypeError(f"token ids must be an integer tensor, got {idx.dtype}")
-        # on a GPU the check waits for the device: done in eval and decoding (outside a graph capture), not in
-        # every training step, nor inside torch.compile (a compiled decoding step), where it would split the graph
+        # the check waits for a GPU: not in its training steps, nor traced, where it would split the graph
         if idx.numel() and not (idx.is_cuda and self.training or _traced()):
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0 or hi >= self.config.vocab_size:
@@ -826,8 +749,7 @@ class MIPT(nn.Module):
         return lengths.to(idx.device)
 
     @property
-    def _pools(self):
-        """A classifier that reads the running mean (readout='mean') carries a running sum when decoding."""
+    def _pools(self):  # readout='mean' carries a running sum when decoding
         return bool(self.config.n_classes) and self.config.readout == 'mean'
 
     def _read(self, x, lengths):
@@ -837,9 +759,8 @@ class MIPT(nn.Module):
         return x[torch.arange(x.shape[0], device=x.device), lengths - 1]         # (B, D)
 
     def forward(self, idx, targets=None, lengths=None):
-        """idx (B, T). LM: targets (B, T), -1 ignored, gives logits (B, T, V).
-        Classifier: targets (B,) and lengths (B,) real tokens per right-padded row, gives logits
-        (B, n_classes) read at position lengths - 1, exactly as each row would classify alone."""
+        """idx (B, T). LM: targets (B, T), -1 ignored; logits (B, T, V). Classifier: targets (B,), lengths (B,) real
+        tokens per right-padded row; logits (B, n_classes) read at lengths - 1, as each row would classify alone."""
         if targets is not None:
             want = (idx.shape[0],) if self.config.n_classes else tuple(idx.shape)
             if not torch.is_tensor(targets) or tuple(targets.shape) != want:
@@ -858,32 +779,20 @@ class MIPT(nn.Module):
             loss = loss + self.config.p_penalty * torch.stack([s.mean() for s in scores]).mean()  # training only
         return logits, loss
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW; tensors of 2 or more dimensions (weights, embeddings, null slots) decay, the rest do not."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
-                  {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=(device_type == 'cuda'))
-
     @torch.no_grad()
     def probe(self, idx, lengths=None):
-        """Measurement statistics per layer: the mean score s, and the mean number of cached tokens at
-        each row's last real position. By THE RULE the cache there holds min(K, #eligible so far)."""
+        """Per layer: the scores s, their mean, and the mean number of cached tokens at each row's last real
+        position, min(K, #eligible so far) by THE RULE."""
         was = self.training
         self.eval()
         _, scores, _ = self._body(idx)
         self.train(was)
         if scores[0] is None:
             return {'p_mean': [], 'cache_fill': [], 's': []}
-        B, T = idx.shape
-        real = torch.arange(T, device=idx.device)[None] < self._lengths(idx, lengths)[:, None]   # (B, T)
-        p_mean, fill = [], []
-        for s in scores:
-            p_mean.append((s * real).sum().item() / real.sum().item())
-            n_elig = ((s > self.config.cache_tau) & real).sum(1).float()   # (B,)
-            K = self.config.K
-            fill.append((n_elig if K is None else n_elig.clamp(max=K)).mean().item())
-        return {'p_mean': p_mean, 'cache_fill': fill, 's': scores}
+        real = torch.arange(idx.shape[1], device=idx.device)[None] < self._lengths(idx, lengths)[:, None]  # (B, T)
+        K, fill = self.config.K, [((s > self.config.cache_tau) & real).sum(1).float() for s in scores]  # (B,) each
+        return {'p_mean': [(s * real).sum().item() / real.sum().item() for s in scores],
+                'cache_fill': [(n if K is None else n.clamp(max=K)).mean().item() for n in fill], 's': scores}
 
     # -------------------------------------------------------------------------
     # Decoding: O(1) state per layer for MIPT with finite K
@@ -895,8 +804,8 @@ class MIPT(nn.Module):
                            pos=0, pooled=pooled)
 
     def step(self, idx_t, state):
-        """Consume one token per row, idx_t (B,). Returns logits (B, V) or (B, n_classes), and the state
-        (the same DecodeState, advanced by one position)."""
+        """Consume one token per row, idx_t (B,). Returns logits (B, V) or (B, n_classes), and the same
+        DecodeState advanced by one position."""
         if not isinstance(state, DecodeState) or len(state.layers) != len(self.blocks):
             raise ValueError(f"state must be this model's DecodeState with {len(self.blocks)} layers (model.init_state "
                              f"or model.prefill), got {type(state).__name__} with "
@@ -917,28 +826,25 @@ class MIPT(nn.Module):
         return self.head(x), state
 
     @cached_property
-    def _layer_states(self):
-        """Each layer's state kind and its tensors' shapes after the batch, from an empty state (a 0: a size that
-        grows, a KV cache's length or an unbounded cache's slots)."""
-        empty = [block.mix.init_state(1, 'meta', torch.float32) for block in self.blocks]
-        return [(type(e), [tuple(t.shape[1:]) for t in e.tensors()]) for e in empty]
+    def _layer_states(self):  # each layer's state kind and shapes after the batch (0: a size that grows)
+        return [(type(e), [tuple(t.shape[1:]) for t in e.tensors()])
+                for e in (block.mix.init_state(1, 'meta', torch.float32) for block in self.blocks)]
 
-    def _check_state(self, state):
-        """Each layer's state must be of this model's layer: its kind, widths and slots (sizes that grow may be any)."""
+    def _check_state(self, state):  # each layer's state must have this model's layer's kind, widths and slots
         for i, (got, (kind, shapes)) in enumerate(zip(state.layers, self._layer_states)):
             tensors = list(got.tensors())
-            fits = isinstance(got, kind) and len(tensors) == len(shapes) and all(
-                g.dim() - 1 == len(w) and all(a == b or b == 0 for a, b in zip(g.shape[1:], w))
-                for g, w in zip(tensors, shapes))
-            if not fits:
-                raise ValueError(f"state layer {i} ({type(got).__name__}: {[tuple(t.shape) for t in tensors]}) "
-                                 f"is not of this model's layer {i} ({kind.__name__}: (B,) + {shapes}); decode "
-                                 f"from this model's init_state or prefill")
+            if not (isinstance(got, kind) and len(tensors) == len(shapes) and all(
+                    g.dim() - 1 == len(w) and all(a == b or b == 0 for a, b in zip(g.shape[1:], w))
+                    for g, w in zip(tensors, shapes))):
+                raise ValueError(f"state layer {i} ({type(got).__name__}: {[tuple(t.shape) for t in tensors]}) is not "
+                                 f"of this model's layer {i} ({kind.__name__}: (B,) + {shapes}); decode from this "
+                                 f"model's init_state or prefill")
+
 
     @torch.no_grad()
     def prefill(self, idx):
-        """A parallel pass over a prompt (B, T). Returns the last position's logits and the decoding state,
-        equal to stepping through the prompt token by token."""
+        """A parallel pass over a prompt (B, T): the last position's logits and the decoding state, equal to
+        stepping through the prompt token by token."""
         x, _, states = self._body(idx, want_state=True)
         pooled = x.sum(1) if self._pools else None
         last = pooled / idx.shape[1] if pooled is not None else x[:, -1]
@@ -950,9 +856,7 @@ class MIPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Continue idx (B, T) by max_new_tokens tokens, eagerly: prefill, then one step per new token. Returns
-        (B, T + max_new_tokens). engine.decode is the fast loop with the same policy (CUDA graphs, a padded
-        vocabulary, the twin's sliding window past block_size, each token's scores)."""
+        """Continue idx (B, T) by max_new_tokens tokens, eagerly (engine.decode is the fast loop, same policy)."""
         check_decoding(self.config, max_new_tokens, temperature, top_k)
         logits, state = self.prefill(idx)
         for i in range(max_new_tokens):

@@ -109,6 +109,14 @@ def lr_at(it, learning_rate, min_lr, warmup_iters, decay_iters, decay=True):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
+def optimizer(model, weight_decay, learning_rate, betas, device_type):
+    """AdamW; tensors of 2 or more dimensions (weights, embeddings, null slots) decay, the rest do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=(device_type == 'cuda'))
+
+
 # -----------------------------------------------------------------------------
 # out_dir: ckpt.pt (the best), ckpt_last.pt (the latest, resumes exactly), log.jsonl, metrics.json, .lock
 

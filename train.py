@@ -214,7 +214,7 @@ if ck is not None and (ck['iter_num'] >= max_iters or ck.get('reached')) and run
               f"(to train on, resume with a larger --max_iters)")
     sys.exit(0)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+optimizer = runs.optimizer(model, weight_decay, learning_rate, (beta1, beta2), device_type)
 if compile:
     model = torch.compile(model)
 if ddp:

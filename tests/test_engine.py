@@ -78,12 +78,12 @@ def test_linears_cast_once_is_autocast_s_function(mixer):
     prompt = torch.randint(0, 40, (2, 7))
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         _, st = model.prefill(prompt)
-        ref, _ = model.step(prompt[:, -1], st.map(torch.clone))
+        ref, _ = model.step(prompt[:, -1], engine.map_state(st, torch.clone))
         with engine.linears_cast(model, torch.bfloat16) as cast:
             assert model.head.weight.dtype == torch.bfloat16 and model.wte.weight.dtype == torch.float32
             assert len(cast) == sum(isinstance(m, torch.nn.Linear) for m in model.modules()) + sum(
                 isinstance(m, torch.nn.Linear) and m.bias is not None for m in model.modules())
-            got, _ = model.step(prompt[:, -1], st.map(torch.clone))
+            got, _ = model.step(prompt[:, -1], engine.map_state(st, torch.clone))
     assert torch.equal(got, ref)
     assert {n: p for n, p in model.named_parameters()} == before and model.head.weight is model.wte.weight
     with engine.linears_cast(model, None) as cast:

@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mipt  # noqa: E402
 import peers  # noqa: E402
+import runs  # noqa: E402
 
 # 'cuda' normally; 'cpu' only for debugging through Triton's interpreter (TRITON_INTERPRET=1, slow)
 DEV = os.environ.get('PEERS_TEST_DEVICE', 'cuda')
@@ -135,7 +136,7 @@ def test_use_peer_swaps_blocks_and_trains(name):
     assert all(isinstance(b.mix, peers.PeerMixer) and b.mix.name == name for b in model.blocks)
     assert not any(isinstance(m, mipt.MIPTLayer) for m in model.modules())
     assert next(model.blocks[0].mix.parameters()).device.type == torch.device(DEV).type
-    opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), DEV)
+    opt = runs.optimizer(model, 0.0, 3e-3, (0.9, 0.95), DEV)
     idx = torch.randint(0, 64, (4, 97), device=DEV)
     losses = []
     for _ in range(12):
