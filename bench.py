@@ -363,7 +363,7 @@ def bench_train():
                 if name == 'no_mixer':
                     for block in model.blocks:
                         block.mix = NoMixer()
-                row['params'] = model.get_num_params(non_embedding=False)
+                row['params'] = runs.num_params(model, non_embedding=False)
                 train_row(row, model, B, T, 100277)
             cell(row, ('ms', 'tokens_per_s', 'peak_GB'), run)
             rows.append(row)
@@ -386,7 +386,7 @@ def bench_trainmix():
                 if name == 'no_mixer':
                     for block in model.blocks:
                         block.mix = NoMixer()
-                row['params'] = model.get_num_params(non_embedding=False)
+                row['params'] = runs.num_params(model, non_embedding=False)
                 if trainmix_compile:
                     for block in model.blocks:  # the same treatment for every model
                         block.compile()

@@ -119,16 +119,6 @@ class MIPTConfig:
     def R(self):  # exploration candidates per query, None for every earlier position
         return _unbounded(self.cache_explore)
 
-    def usage_warning(self):
-        """A valid setting that defeats its purpose, as one line, or None."""
-        if self.mixer == 'mipt' and self.cache_size != 0 and self.cache_signal != 'dense' and (
-                self.R is None or self.R >= self.block_size):
-            how = '(all)' if self.R is None else f'>= block_size={self.block_size}'
-            return (f"cache_explore={self.cache_explore} {how}: in training every query also attends to every earlier "
-                    f"position, so the exact cache that eval and decoding read is never trained alone; cache_explore "
-                    f"<= block_size // 4 keeps the selection signal (RESULTS.md, Recall)")
-        return None
-
 
 def _need(ok, msg):
     if not ok:
@@ -692,13 +682,6 @@ class MIPT(nn.Module):
                     block.mix.proj.bias[:D] = math.log(config.p_init / (1 - config.p_init))  # wave phase
                     block.mix.proj.weight[D:2 * D] *= 0.1                                     # small theta
 
-    def get_num_params(self, non_embedding=True):
-        """Parameters; non_embedding leaves out the token (and position) embeddings, as the paper counts."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
-        return n
-
     def _check_ids(self, idx):
         if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
             raise TypeError(f"token ids must be an integer tensor, got {idx.dtype}")
@@ -778,21 +761,6 @@ class MIPT(nn.Module):
         if loss is not None and self.training and self.config.p_penalty and scores[0] is not None:
             loss = loss + self.config.p_penalty * torch.stack([s.mean() for s in scores]).mean()  # training only
         return logits, loss
-
-    @torch.no_grad()
-    def probe(self, idx, lengths=None):
-        """Per layer: the scores s, their mean, and the mean number of cached tokens at each row's last real
-        position, min(K, #eligible so far) by THE RULE."""
-        was = self.training
-        self.eval()
-        _, scores, _ = self._body(idx)
-        self.train(was)
-        if scores[0] is None:
-            return {'p_mean': [], 'cache_fill': [], 's': []}
-        real = torch.arange(idx.shape[1], device=idx.device)[None] < self._lengths(idx, lengths)[:, None]  # (B, T)
-        K, fill = self.config.K, [((s > self.config.cache_tau) & real).sum(1).float() for s in scores]  # (B,) each
-        return {'p_mean': [(s * real).sum().item() / real.sum().item() for s in scores],
-                'cache_fill': [(n if K is None else n.clamp(max=K)).mean().item() for n in fill], 's': scores}
 
     # -------------------------------------------------------------------------
     # Decoding: O(1) state per layer for MIPT with finite K

@@ -1,7 +1,8 @@
 """
 The run management of train.py, as functions of their inputs: the settings' checks, out_dir (its lock, a new
 run or a resumed one), the state an exact resume needs (every RNG), the learning-rate schedule, log.jsonl,
-metrics.json. Every failure is one line (checkpoint.die): exit 2 for a configuration error, 1 otherwise.
+metrics.json; and what the scripts report about a model (usage_warning, num_params, probe). Every failure is one
+line (checkpoint.die): exit 2 for a configuration error, 1 otherwise.
 """
 import dataclasses
 import json
@@ -116,6 +117,45 @@ def optimizer(model, weight_decay, learning_rate, betas, device_type):
               {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=(device_type == 'cuda'))
 
+
+
+# -----------------------------------------------------------------------------
+# what the scripts tell about a model and its settings
+
+
+def usage_warning(config):
+    """A valid MIPTConfig that defeats its purpose, as one line, or None."""
+    if config.mixer == 'mipt' and config.cache_size != 0 and config.cache_signal != 'dense' and (
+            config.R is None or config.R >= config.block_size):
+        how = '(all)' if config.R is None else f'>= block_size={config.block_size}'
+        return (f"cache_explore={config.cache_explore} {how}: in training every query also attends to every earlier "
+                f"position, so the exact cache that eval and decoding read is never trained alone; cache_explore "
+                f"<= block_size // 4 keeps the selection signal (RESULTS.md, Recall)")
+    return None
+
+
+def num_params(model, non_embedding=True):
+    """A MIPT's parameters; non_embedding leaves out the token (and position) embeddings, as the paper counts."""
+    n = sum(p.numel() for p in model.parameters())
+    if non_embedding:
+        n -= model.wte.weight.numel() + (model.wpe.weight.numel() if model.wpe is not None else 0)
+    return n
+
+
+@torch.no_grad()
+def probe(model, idx, lengths=None):
+    """A MIPT's scores on idx (B, T), per layer: s (B, T), their mean, and the mean number of cached tokens at each
+    row's last real position, min(K, #eligible so far) by the cache's rule."""
+    was = model.training
+    model.eval()
+    _, scores, _ = model._body(idx)
+    model.train(was)
+    if scores[0] is None:
+        return {'p_mean': [], 'cache_fill': [], 's': []}
+    real = torch.arange(idx.shape[1], device=idx.device)[None] < model._lengths(idx, lengths)[:, None]  # (B, T)
+    K, fill = model.config.K, [((s > model.config.cache_tau) & real).sum(1).float() for s in scores]  # (B,) each
+    return {'p_mean': [(s * real).sum().item() / real.sum().item() for s in scores],
+            'cache_fill': [(n if K is None else n.clamp(max=K)).mean().item() for n in fill], 's': scores}
 
 # -----------------------------------------------------------------------------
 # out_dir: ckpt.pt (the best), ckpt_last.pt (the latest, resumes exactly), log.jsonl, metrics.json, .lock

@@ -37,6 +37,7 @@ import torch
 
 import checkpoint
 import engine
+import runs
 from checkpoint import build_model, die, load
 from codec import load_codec, truncate_doc
 from configurator import configure
@@ -146,7 +147,7 @@ x = torch.tensor([ids], device=device)
 def scores_of(tokens):
     """Per token, the per-layer measurement scores s_t of a parallel pass (MIPT only)."""
     with ctx:
-        s = model.probe(tokens)['s']
+        s = runs.probe(model, tokens)['s']
     return [[float(sl[0, t]) for sl in s] for t in range(tokens.shape[1])]
 
 

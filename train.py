@@ -195,7 +195,7 @@ except (TypeError, ValueError) as e:
 # evaluation batches: <= 65536 tokens and 2^28 logits, <= 1024 rows (a row shorter than 64 costs about as much)
 logits_per_token = 1 if task == 'classify' else model_config.vocab_size
 eval_bs = eval_batch_size or max(batch_size, min(65536, 2**28 // logits_per_token) // max(block_size, 64))
-if master and not peer and (warning := model_config.usage_warning()):
+if master and not peer and (warning := runs.usage_warning(model_config)):
     print(f"warning: {warning}")
 runs.check_device(model_config, peer, device)  # the kernels it forces, the peer it asks for
 
@@ -220,8 +220,8 @@ if compile:
 if ddp:
     from torch.nn.parallel import DistributedDataParallel as DDP
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
-params_total = raw_model.get_num_params(non_embedding=False)
-params_non_emb = raw_model.get_num_params(non_embedding=True)
+params_total = runs.num_params(raw_model, non_embedding=False)
+params_non_emb = runs.num_params(raw_model, non_embedding=True)
 order = loader.TrainOrder(seed, rank, world)  # the training order: generators of its own, saved with the run
 iter_num, best_val, best_iter = 0, None, None
 reached = False  # stop_at: val reached it (saved in checkpoints: such a run is finished)
@@ -441,7 +441,7 @@ if master:
         x, _, lengths = data.probe_batch(batch_size, seed)
         raw_model.eval()
         with torch.no_grad(), ctx:
-            st = raw_model.probe(x, lengths=lengths)
+            st = runs.probe(raw_model, x, lengths=lengths)
         probe = {'p_mean': [float(v) for v in st['p_mean']], 'cache_fill': [float(v) for v in st['cache_fill']]}
     peak, device_name = runs.device_memory(device)
     metrics = {'task': task, 'dataset': meta['name'], 'mixer': raw_model.config.mixer, 'peer': peer or None,

@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoint  # noqa: E402
+import runs  # noqa: E402
 from configurator import configure  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -78,7 +79,7 @@ res = {'out_dir': out_dir, 'note': note, 'task': tc['task'],
 ctx = torch.autocast('cuda', dtype=torch.bfloat16) if 'cuda' in device else torch.autocast('cpu', enabled=False)
 for N in [int(n) for n in Ns.split(',')]:
     with torch.no_grad(), ctx:
-        st = model.probe(sequences(N).to(device))
+        st = runs.probe(model, sequences(N).to(device))
     s = torch.stack([x.float() for x in st['s']])                      # (layers, n_seq, N)
     quarters = [s[:, :, i * N // 4:(i + 1) * N // 4] for i in range(4)]
     res['by_N'][N] = {

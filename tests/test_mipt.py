@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import mipt
+import runs
 from mipt import MIPT, MIPTConfig, scan, scan_ref, select_cache
 
 LENGTHS = [1, 2, 7, 63, 1000, 4099]
@@ -180,7 +181,7 @@ def test_step_equals_forward_mipt(K, tau):
     assert rel_err(stepped, logits) <= 1e-5
     # the cache really evicted: more eligible tokens than slots
     if K > 0:
-        scores = model.probe(idx)['s']
+        scores = runs.probe(model, idx)['s']
         n_elig = (scores[0] > tau).sum(1)
         assert (n_elig > K).all()
         # and the stepped cache at the end is the brute-force top-K of the last position
@@ -333,7 +334,7 @@ def test_probe_reports_scores_and_fill():
     torch.manual_seed(0)
     model = lively(MIPT(small(cache_size=3, cache_tau=0.5))).eval()
     idx = torch.randint(0, 40, (2, 30))
-    stats = model.probe(idx, lengths=torch.tensor([30, 10]))
+    stats = runs.probe(model, idx, lengths=torch.tensor([30, 10]))
     assert len(stats['p_mean']) == 2 and all(0 < p < 1 for p in stats['p_mean'])
     for s, fill in zip(stats['s'], stats['cache_fill']):
         n = [min(3, int((s[0] > 0.5).sum())), min(3, int((s[1, :10] > 0.5).sum()))]
@@ -342,7 +343,7 @@ def test_probe_reports_scores_and_fill():
 
 def test_fresh_model_starts_in_the_wave_phase():
     model = MIPT(small(cache_size=0))
-    s = model.probe(torch.randint(0, 40, (2, 20)))['p_mean']
+    s = runs.probe(model, torch.randint(0, 40, (2, 20)))['p_mean']
     assert all(abs(p - 0.1) < 0.03 for p in s)
 
 
@@ -361,8 +362,8 @@ def test_param_count_excludes_embeddings():
     m = MIPT(small(cache_size=0, n_layer=1))
     D = 32
     per_block = (D * 4 * D + 4 * D) + 4 * D + (D * 4 * D + 4 * D) + (4 * D * D + D)  # proj, 2 LNs, FFN
-    assert m.get_num_params() == per_block + 2 * D  # + ln_f
-    assert m.get_num_params(non_embedding=False) == m.get_num_params() + 40 * D
+    assert runs.num_params(m) == per_block + 2 * D  # + ln_f
+    assert runs.num_params(m, non_embedding=False) == runs.num_params(m) + 40 * D
 
 
 @pytest.mark.parametrize('kw,match', [
@@ -442,7 +443,7 @@ def test_config_converts_minus_one_once_and_names_how_it_computes():
 ])
 def test_dense_exploration_is_a_usage_warning(kw, warns):
     """Exploration that reaches every earlier position never trains the exact cache alone: valid, but warned."""
-    got = MIPTConfig(**kw).usage_warning()
+    got = runs.usage_warning(MIPTConfig(**kw))
     assert got is None if warns is None else (warns in got and 'never trained alone' in got and '\n' not in got)
 
 

@@ -263,6 +263,7 @@ def test_step_refuses_an_empty_batch():
 
 
 def test_usage_warning_follows_the_signal():
-    assert 'cache_explore=64 >= block_size=64' in MIPTConfig(block_size=64, cache_explore=64).usage_warning()
-    assert MIPTConfig(block_size=64, cache_explore=64, cache_signal='dense').usage_warning() is None
-    assert MIPTConfig(block_size=64, cache_explore=16).usage_warning() is None
+    import runs
+    assert 'cache_explore=64 >= block_size=64' in runs.usage_warning(MIPTConfig(block_size=64, cache_explore=64))
+    assert runs.usage_warning(MIPTConfig(block_size=64, cache_explore=64, cache_signal='dense')) is None
+    assert runs.usage_warning(MIPTConfig(block_size=64, cache_explore=16)) is None
