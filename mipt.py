@@ -37,7 +37,6 @@ Glossary (code name: paper symbol, shape)
 
 The file needs torch alone. Beside it, kernels.py holds the fast paths (fused CUDA scan, fused cache read-out,
 compiled cache plan), each one call from here that falls back to the code here; engine.py fast decoding.
-
 """
 
 import math
@@ -52,7 +51,6 @@ import torch.utils.checkpoint
 
 # -----------------------------------------------------------------------------
 # Config: every default of the model, once
-
 
 @dataclass
 class MIPTConfig:
@@ -92,9 +90,8 @@ class MIPTConfig:
                               ('scan_impl', ('auto', 'torch', 'cuda')), ('cache_impl', ('auto', 'torch', 'triton')),
                               ('readout', ('last', 'mean')),
                               ('cache_signal', ('explore', 'weighted', 'dense', 'mixed'))]:
-            *some, last = [repr(a) for a in allowed]
             v = getattr(self, name)
-            _need(v in allowed, f"{name} must be {', '.join(some)} or {last}, got {v!r}")
+            _need(v in allowed, f"{name} must be {', '.join(map(repr, allowed[:-1]))} or {allowed[-1]!r}, got {v!r}")
         for name in ('vocab_size', 'block_size', 'n_layer', 'n_embd', 'n_head', 'cache_chunk'):
             _need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _need(self.n_embd % self.n_head == 0,
@@ -112,21 +109,17 @@ class MIPTConfig:
             _need(self.p_penalty == 0.0, "p_penalty only applies to mixer='mipt'")
 
     @property
-    def K(self):  # cache slots, None when unbounded
-        return _unbounded(self.cache_size)
+    def K(self):  # cache slots, None when unbounded (-1)
+        return None if self.cache_size == -1 else self.cache_size
 
     @property
-    def R(self):  # exploration candidates per query, None for every earlier position
-        return _unbounded(self.cache_explore)
+    def R(self):  # exploration candidates per query, None for every earlier position (-1)
+        return None if self.cache_explore == -1 else self.cache_explore
 
 
-def _need(ok, msg):
+def _need(ok, msg, error=ValueError):  # every bad input: one line
     if not ok:
-        raise ValueError(msg)
-
-
-def _unbounded(n):  # a config's -1 ("unbounded", "all") as the None that the code reads
-    return None if n == -1 else n
+        raise error(msg)
 
 
 def acc_dtype(dtype):
@@ -142,7 +135,6 @@ def complex_dtype(dtype):
 
 # -----------------------------------------------------------------------------
 # Scans: h_t = a_t * h_{t-1} + b_t over complex (B, T, D) tensors
-
 
 def scan_ref(a, b, h0=None):
     """The reference, a loop over time. a, b complex (B, T, D); h0 (B, D) or None."""
@@ -168,7 +160,6 @@ def scan(a, b, h0=None):
     a, b = a.view(B, C, L, D), b.view(B, C, L, D)
     # (1) each chunk scans from a zero state, all chunks at once, and keeps its running gate products
     h, A = b.new_zeros(B, C, D), a.new_ones(B, C, D)
-
     hs, As = [], []
     for l in range(L):
         h = a[:, :, l] * h + b[:, :, l]
@@ -193,21 +184,19 @@ def scan(a, b, h0=None):
 # The fast paths: kernels().<name>(*args, impl=<the config's setting>, reference=<this file's PyTorch function>)
 # runs kernels.py's fused kernel where impl and the tensors allow, else the reference (always, without kernels.py)
 
+_KERNELS = None
+
 
 def kernels():
     global _KERNELS
     if _KERNELS is None:
         try:
-            import kernels as module
+            import kernels as _KERNELS
         except ModuleNotFoundError as e:
             if e.name != 'kernels':
                 raise
-            module = _ReferenceOnly()
-        _KERNELS = module
+            _KERNELS = _ReferenceOnly()
     return _KERNELS
-
-
-_KERNELS = None
 
 
 class _ReferenceOnly:  # kernels() without kernels.py
@@ -221,7 +210,6 @@ class _ReferenceOnly:  # kernels() without kernels.py
 
 # -----------------------------------------------------------------------------
 # The MIPT recurrence
-
 
 def mipt_recurrence(logit, theta, u_re, u_im, h0=None, impl='auto'):
     """The recurrence from the layer's projections (B, T, D) and h0 (B, D) complex or None. Returns y = Re h
@@ -261,7 +249,6 @@ def recurrence_step(logit, theta, u_re, u_im, h0=None):
 # -----------------------------------------------------------------------------
 # The decoding state: one small object per mixer, and the model's DecodeState around them (after nanochat's
 # KVCache)
-
 
 class State:
     """Dataclasses whose fields are tensors, other States, lists of them, or plain values."""
@@ -319,7 +306,6 @@ class DecodeState(State):
 # position i holds the K best-ranked eligible tokens (s_j > tau) among j <= i; in decoding a newcomer enters a full
 # cache only when its score is strictly above the weakest slot's, which it evicts. sigmoid saturates to exactly
 # 1.0 in float32, so ties are common: torch.topk alone would not do.
-
 
 def rank(score, pos):
     """Order of candidates, best first, by THE RULE. score, pos (..., N) -> indices (..., N)."""
@@ -498,9 +484,8 @@ class SparseCache(nn.Module):
 
     def empty_state(self, B, device, dtype):
         K, H, hd = self.K or 0, self.n_head, self.qkv.in_features // self.n_head
-        return CacheSlots(k=torch.zeros(B, H, K, hd, device=device, dtype=dtype),
-                          v=torch.zeros(B, H, K, hd, device=device, dtype=dtype),
-                          score=torch.full((B, K), -math.inf, device=device, dtype=dtype),
+        kv = torch.zeros(B, H, K, hd, device=device, dtype=dtype)
+        return CacheSlots(k=kv, v=kv.clone(), score=torch.full((B, K), -math.inf, device=device, dtype=dtype),
                           pos=torch.full((B, K), -1, dtype=torch.long, device=device))
 
     def step(self, y, s, t, slots):
@@ -535,7 +520,6 @@ class SparseCache(nn.Module):
 # A mixer (MIPTLayer, the twin's SelfAttention, the peers in peers.py) has forward(x (B, T, D), want_state) ->
 # (out (B, T, D), s (B, T) or None, state or None), init_state(B, device, dtype) and step(x (B, D), state, pos) ->
 # (out (B, D), new state)
-
 
 class MIPTLayer(nn.Module):
     """x -> (logit, theta, u) -> the recurrence -> y = Re h -> the sparse cache (when K != 0)."""
@@ -592,7 +576,6 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """LayerNorm -> mixer -> residual -> LayerNorm -> FFN -> residual (mlp=False: the first residual alone)."""
 
-
     def __init__(self, config):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
@@ -615,7 +598,6 @@ class Block(nn.Module):
 
 # -----------------------------------------------------------------------------
 # The model
-
 
 def init_weights(module, n_layer, residual=('c_proj.weight', 'cache.proj.weight')):
     """GPT-2's initialisation, in place: Linear and Embedding weights N(0, 0.02), biases zero, and the projections
@@ -682,29 +664,23 @@ class MIPT(nn.Module):
                     block.mix.proj.bias[:D] = math.log(config.p_init / (1 - config.p_init))  # wave phase
                     block.mix.proj.weight[D:2 * D] *= 0.1                                     # small theta
 
-    def _check_ids(self, idx):
+    def _embed(self, idx, t0=0):
+        # token ids (B, T) or (B,) from position t0 -> (B, T, D) or (B, D)
         if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
             raise TypeError(f"token ids must be an integer tensor, got {idx.dtype}")
-        # the check waits for a GPU: not in its training steps, nor traced, where it would split the graph
+        # the range check waits for a GPU: not in its training steps, nor traced, where it would split the graph
         if idx.numel() and not (idx.is_cuda and self.training or _traced()):
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(f"token ids must lie in [0, vocab_size={self.config.vocab_size}), got ids from {lo} to {hi}")
-
-    def _embed(self, idx, t0=0):
-        self._check_ids(idx)
         x = self.wte(idx if idx.dtype in (torch.int64, torch.int32) else idx.long())
         if self.wpe is not None:
             T = idx.shape[-1] if idx.dim() == 2 else 1
-            if torch.is_tensor(t0) and _traced():  # a CUDA graph's position (engine.graphed_step bounds it): no sync
-                pos = t0 + torch.arange(T, device=idx.device)
-            else:
-                t0 = int(t0)
-                if t0 + T > self.config.block_size:
-                    raise ValueError(f"the attention twin has learned positions up to block_size="
-                                     f"{self.config.block_size}, got position {t0 + T - 1}; crop the context")
-                pos = torch.arange(t0, t0 + T, device=idx.device)
-            x = x + self.wpe(pos).squeeze(0)
+            # a CUDA graph's position is a device tensor, which engine.graphed_step bounds: not read back here
+            if not (torch.is_tensor(t0) and _traced()) and int(t0) + T > self.config.block_size:
+                raise ValueError(f"the attention twin has learned positions up to block_size="
+                                 f"{self.config.block_size}, got position {int(t0) + T - 1}; crop the context")
+            x = x + self.wpe(t0 + torch.arange(T, device=idx.device)).squeeze(0)
         return self.drop(x)
 
     def _body(self, idx, want_state=False):
@@ -724,9 +700,8 @@ class MIPT(nn.Module):
             return torch.full((B,), T, device=idx.device)
         if not torch.is_tensor(lengths) or lengths.dtype.is_floating_point or lengths.dtype == torch.bool \
                 or lengths.shape != (B,):
-            raise ValueError(f"lengths must be an integer tensor of shape (B,) = ({B},), got "
-                             f"{tuple(lengths.shape) if torch.is_tensor(lengths) else type(lengths).__name__}"
-                             f"{f' {lengths.dtype}' if torch.is_tensor(lengths) else ''}")
+            got = f"{tuple(lengths.shape)} {lengths.dtype}" if torch.is_tensor(lengths) else type(lengths).__name__
+            raise ValueError(f"lengths must be an integer tensor of shape (B,) = ({B},), got {got}")
         if not ((lengths >= 1) & (lengths <= T)).all():
             raise ValueError(f"lengths must lie in [1, T={T}], got {lengths.tolist()}")
         return lengths.to(idx.device)
@@ -774,15 +749,7 @@ class MIPT(nn.Module):
     def step(self, idx_t, state):
         """Consume one token per row, idx_t (B,). Returns logits (B, V) or (B, n_classes), and the same
         DecodeState advanced by one position."""
-        if not isinstance(state, DecodeState) or len(state.layers) != len(self.blocks):
-            raise ValueError(f"state must be this model's DecodeState with {len(self.blocks)} layers (model.init_state "
-                             f"or model.prefill), got {type(state).__name__} with "
-                             f"{len(getattr(state, 'layers', []))} layers")
-        if not _traced():
-            self._check_state(state)
-        if idx_t.dim() != 1 or idx_t.shape[0] != state.batch_size or idx_t.shape[0] == 0:
-            raise ValueError(f"idx_t must be (B,) = ({state.batch_size},) tokens, one per row of the state, "
-                             f"got shape {tuple(idx_t.shape)}")
+        self._check_step(idx_t, state)
         x = self._embed(idx_t, t0=state.pos)              # (B, D)
         for i, block in enumerate(self.blocks):
             x, state.layers[i] = block.step(x, state.layers[i], state.pos)
@@ -798,8 +765,12 @@ class MIPT(nn.Module):
         return [(type(e), [tuple(t.shape[1:]) for t in e.tensors()])
                 for e in (block.mix.init_state(1, 'meta', torch.float32) for block in self.blocks)]
 
-    def _check_state(self, state):  # each layer's state must have this model's layer's kind, widths and slots
-        for i, (got, (kind, shapes)) in enumerate(zip(state.layers, self._layer_states)):
+    def _check_step(self, idx_t, state):  # this model's DecodeState (each layer's kind, widths, slots); a token a row
+        if not isinstance(state, DecodeState) or len(state.layers) != len(self.blocks):
+            raise ValueError(f"state must be this model's DecodeState with {len(self.blocks)} layers (model.init_state "
+                             f"or model.prefill), got {type(state).__name__} with "
+                             f"{len(getattr(state, 'layers', []))} layers")
+        for i, (got, (kind, shapes)) in enumerate(zip(state.layers, [] if _traced() else self._layer_states)):
             tensors = list(got.tensors())
             if not (isinstance(got, kind) and len(tensors) == len(shapes) and all(
                     g.dim() - 1 == len(w) and all(a == b or b == 0 for a, b in zip(g.shape[1:], w))
@@ -807,7 +778,9 @@ class MIPT(nn.Module):
                 raise ValueError(f"state layer {i} ({type(got).__name__}: {[tuple(t.shape) for t in tensors]}) is not "
                                  f"of this model's layer {i} ({kind.__name__}: (B,) + {shapes}); decode from this "
                                  f"model's init_state or prefill")
-
+        if idx_t.dim() != 1 or idx_t.shape[0] != state.batch_size or idx_t.shape[0] == 0:
+            raise ValueError(f"idx_t must be (B,) = ({state.batch_size},) tokens, one per row of the state, "
+                             f"got shape {tuple(idx_t.shape)}")
 
     @torch.no_grad()
     def prefill(self, idx):
@@ -837,7 +810,6 @@ class MIPT(nn.Module):
 
 # -----------------------------------------------------------------------------
 # The Transformer twin: causal self-attention in place of MIPT + cache, the same model around it
-
 
 @dataclass
 class KVCache(State):
