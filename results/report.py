@@ -71,7 +71,8 @@ def targets_table(targets):
     for name, t in targets.items():
         note = t.get('note') or '; '.join(f'{k} {sig(v)}' for k, v in t.items()
                                           if k not in ('measured', 'goal', 'met', 'source'))
-        rows.append([f'`{name}`', f"{direction(t)} {sig(t['goal'])}", sig(t['measured']),
+        rows.append([f'`{name}`', f"{direction(t)} {sig(t['goal'])}".strip(),
+                     'not run' if t['measured'] is None else sig(t['measured']),
                      'yes' if t['met'] else '**no**', note])
     return table(['target', 'goal', 'measured', 'met', 'note'], rows)
 
@@ -207,7 +208,49 @@ def recall(J):
         f"query spreads its attention over K + L + R ≈ 650 candidates with nearly equal `log s`, so the gradient "
         f"that reaches the needle's `p` is about R/N times an attention weight of ~1/650, far weaker than at "
         f"N=512. The long-context goal falls with it: the constant state is there, the recall is not.", '',
-        *signal_pilot(J.get('signal_pilot', []))]
+        *signal_compare(J.get('signal', {})), *signal_pilot(J.get('signal_pilot', []))]
+
+
+CELLS = {'a512': 'anywhere in 512, K=4', 'a2048': 'anywhere in 2048, K=16', 'f1024': 'first 10% of 1024, K=4',
+         'v2000': 'vocabulary 2,000 (8 classes), 512, K=4', 'a8192': 'anywhere in 8192, K=16',
+         'demoK1': "the paper's demo, K=1", 'demoK4': "the paper's demo, K=4", 'v5000': 'vocabulary 5,000 (16 classes), K=4',
+         'v300c8': 'vocabulary 300, 8 classes, K=4', 'unb512': "the demo, unbounded cache", 'unb2048': 'anywhere in 2048, unbounded cache'}
+
+
+def signal_compare(sig):
+    """The training signals on validation at several placements, lengths and vocabularies (GPU), then the goals."""
+    cmp_, goals = sig.get('compare') or {}, sig.get('goals') or {}
+    if not cmp_ and not goals:
+        return []
+    out = ['### The training signal (`cache_signal`) compared on validation', '',
+           f"`{sig['commands']['signal']}` (every run `python train.py config/needle.py --dataset=... --cache_size=K "
+           f"--cache_signal=... --seed=S`, its command in `results/signal.json`), then "
+           f"`{sig['commands']['diagnostics']}`. {sig['protocol']}. Best val (its iteration, the iterations run, "
+           'caught on val), per seed; test is not read for the choice:', '']
+    rows = []
+    for cell, by_sig in cmp_.items():
+        for name, g in by_sig.items():
+            per = [f"{f3(r['val'])} (@{r['best_iter']}/{r['iters']}, caught {f3(r['caught_val'])})"
+                   for _, r in sorted(g['seeds'].items())]
+            rows.append([CELLS.get(cell, cell), f'`{name}`', f3(g['val_mean']), f3(g['val_min']), '; '.join(per),
+                         next(iter(g['seeds'].values()))['device'] or ''])
+    out += [*table(['cell', 'signal', 'val mean', 'val min', 'per seed: best val (@best/run iterations, caught)',
+                    'device'], rows), '']
+    if any(r['stopped_at_time_limit'] for g in cmp_.values() for v in g.values() for r in v['seeds'].values()):
+        out += ['Runs that stopped at their time limit (`--max_minutes`, many runs sharing one GPU) ran fewer than the '
+                '15 epochs of the protocol: a shrunk comparison at equal wall time; the curves below show where each '
+                'one stood.', '']
+    out += ['![val accuracy against iterations, per signal](results/plots/signal_compare_curves.png)', '']
+    if goals:
+        grow = []
+        for cell, variants in goals.items():
+            for v, seeds_ in variants.items():
+                per = ' / '.join(f3(r['test']) for _, r in sorted(seeds_.items()))
+                caught = ' / '.join(f3(r['caught_test']) for _, r in sorted(seeds_.items()))
+                grow.append([CELLS.get(cell, cell), v, per, caught, str(len(seeds_))])
+        out += ['Goals (test read once at the best-val checkpoint, per seed; caught on test):', '',
+                *table(['cell', 'model', 'test per seed', 'caught per seed', 'seeds'], grow), '']
+    return out
 
 
 def signal_flags(r):
@@ -712,10 +755,19 @@ def plot_data(J):
                                           'style': {'color': 'C1', 'marker': 's', 'fillstyle': 'none'}}
     curves = {f"{r['run']} ({signal_flags(r).replace('`', '')})": {'pts': r['val_curve'], 'style': {'marker': '.'}}
               for r in J.get('signal_pilot', []) if r.get('val_curve')}
-    pilot = {'signal_val_curves.png': {
+    compare = (J.get('signal') or {}).get('compare') or {}
+    panels = [{'series': {f"{name}, seed {seed}": {'pts': r['val_curve'] or [], 'style': {
+                   'color': f"C{list(by_sig).index(name)}", 'marker': '.', 'linestyle': '-' if seed == 1 else '--'}}
+                          for name, g in by_sig.items() for seed, r in sorted(g['seeds'].items())},
+               'xlabel': f'iteration ({CELLS.get(cell, cell)})', 'ylabel': 'val accuracy', 'linear_x': True}
+              for cell, by_sig in compare.items()]
+    pilot = {'signal_compare_curves.png': {
+        'title': 'The training signals: val accuracy (exact eval cache) against iterations, per needle cell',
+        'panels': panels}} if panels else {}
+    pilot.update({'signal_val_curves.png': {
         'title': 'Needle anywhere in 512, K=4: val accuracy (exact eval cache) against iterations, CPU pilot',
         'panels': [{'series': curves, 'xlabel': 'iteration', 'ylabel': 'val accuracy', 'hline': 0.25,
-                    'linear_x': True}]}} if curves else {}
+                    'linear_x': True}]}} if curves else {})
     return {
         **pilot,
         'throughput_vs_T.png': {

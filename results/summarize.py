@@ -15,6 +15,7 @@ STEPS = (
     'summarize_h100.py',    # results/experiments.sh on an H100: classification, LMs, the needle before the signal
     'summarize_recall.py',  # results/recall.sh needle / long / lm on an H200: the needle with the selection signal
     'summarize_mqar.py',    # results/recall.sh mqar on an H200
+    'summarize_signal.py',  # results/recall.sh signal / goals: the training signals on val, the recall goals
 )
 
 

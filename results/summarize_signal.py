@@ -1,0 +1,119 @@
+"""The cache's training signals compared on validation, and the recall goals with the chosen signal, from the GPU
+runs of results/recall.sh (sets signal and goals), into results/signal.json and the module-level `targets` that
+results/summarize.py merges into results/summary.json.
+
+Sources, in results/raw/: signal_runs.json and goals_runs.json (results/collect.py of each call's runs, with
+results/needle_eval.py's caught fraction and other lengths inside each run). A goal whose runs are missing stays
+in the targets with measured None and a note saying what ran. Selection is on validation only; test is read once
+per run by train.py.
+"""
+import json
+import os
+import re
+import statistics
+
+from summarize import target
+
+here = os.path.dirname(os.path.abspath(__file__))
+raw = os.path.join(here, 'raw')
+SIGNAL_CMD = 'bash results/recall.sh RUNS 24 signal'
+GOALS_CMD = 'SIGNAL="--cache_signal=dense --p_penalty=1.0" bash results/recall.sh RUNS 24 goals'
+SEEDS = 5
+
+
+def load(name):
+    path = os.path.join(raw, name)
+    return {r['run']: r for r in json.load(open(path))} if os.path.exists(path) else {}
+
+
+def row(r):
+    """One run: val at its best checkpoint, test read there once, the caught fraction, other lengths."""
+    ev = r.get('needle_eval') or {}
+    caught = ev.get('caught') or {}
+    return {'val': r['best_val'].get('acc'), 'best_iter': r['best_val'].get('iter'), 'iters': r.get('iters'),
+            'test': (r.get('test') or {}).get('acc'), 'wall_time_s': r.get('wall_time_s'),
+            'stopped_at_time_limit': r.get('stopped_at_time_limit'), 'device': r.get('device'),
+            'caught_val': (caught.get('val') or {}).get('caught'), 'caught_test': (caught.get('test') or {}).get('caught'),
+            'stored_test': (caught.get('test') or {}).get('stored'),
+            'lengths': {n: v for n, v in (ev.get('lengths') or {}).items()},
+            'val_curve': r.get('val_curve'), 'command': r.get('command')}
+
+
+def mean(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.mean(xs) if xs else None
+
+
+signal_runs, goal_runs = load('signal_runs.json'), load('goals_runs.json')
+
+# 1. the signals on validation: config -> signal -> seed -> row
+name = re.compile(r'^signal-(\w+?)-(.+)-s(\d+)$')
+compare = {}
+for run, r in sorted(signal_runs.items()):
+    m = name.match(run)
+    if m:
+        compare.setdefault(m.group(1), {}).setdefault(m.group(2), {})[int(m.group(3))] = row(r)
+for cfg in compare.values():
+    for sig, seeds in cfg.items():
+        cfg[sig] = {'seeds': seeds, 'val_mean': mean(s['val'] for s in seeds.values()),
+                    'val_min': min((s['val'] for s in seeds.values() if s['val'] is not None), default=None),
+                    'caught_val_mean': mean(s['caught_val'] for s in seeds.values())}
+
+# 2. the goals: goal-<cell>[-attn|-tau<t>]-s<seed>
+gname = re.compile(r'^goal-(\w+?)(?:-(attn|tau[\d.]+))?-s(\d+)$')
+goals = {}
+for run, r in sorted(goal_runs.items()):
+    m = gname.match(run)
+    if m:
+        goals.setdefault(m.group(1), {}).setdefault(m.group(2) or 'mipt', {})[int(m.group(3))] = row(r)
+
+
+def best_variant(cell, prefix):
+    """Of a cell's variants starting with prefix (the unbounded cache's tau values), the best mean val."""
+    vs = {v: s for v, s in goals.get(cell, {}).items() if v.startswith(prefix)}
+    return max(vs, key=lambda v: mean(x['val'] for x in vs[v].values()) or 0.0) if vs else None
+
+
+def min_target(cell, variant='mipt', key=lambda s: s['test'], goal=0.99, what='test accuracy'):
+    seeds = goals.get(cell, {}).get(variant, {})
+    vals = [key(s) for s in seeds.values()]
+    vals = [v for v in vals if v is not None]
+    measured = min(vals) if vals else None
+    note = (f'{what}, the worst of seeds {sorted(seeds)}' if vals else f'not run yet: {GOALS_CMD} on a GPU') + \
+        ('' if len(vals) >= SEEDS else f' ({len(vals)} of {SEEDS} seeds)')
+    return target(measured, f'≥ {goal} on every seed', measured is not None and len(vals) >= SEEDS and measured >= goal,
+                  'results/signal.json', note)
+
+
+unb = best_variant('unb2048', 'tau')
+targets = {
+    'recall_anywhere512_K4_min_acc': min_target('a512'),
+    'recall_anywhere2048_min_acc': min_target('a2048'),
+    'recall_anywhere8192_min_acc': min_target('a8192'),
+    'recall_train2k_test32k_min_acc': min_target('a2048', key=lambda s: (s['lengths'].get('32768') or {}).get('acc'),
+                                                 what='trained at 2048, test accuracy at 32768'),
+    'recall_demo_K1_min_acc': min_target('demoK1'),
+    'recall_demo_K4_min_acc': min_target('demoK4'),
+    'recall_unbounded2048_min_acc': min_target('unb2048', unb or 'tau', what=f'unbounded cache ({unb}, chosen on val)'),
+    'recall_vocab5000_min_acc': min_target('v5000'),
+}
+tokens = [s['stored_test'] for s in goals.get('unb2048', {}).get(unb or '', {}).values() if s['stored_test'] is not None]
+targets['recall_unbounded2048_tokens'] = target(mean(tokens), '≤ 2 tokens stored per sequence',
+                                                bool(tokens) and mean(tokens) <= 2, 'results/signal.json',
+                                                f'mean tokens in the last position\'s cache, test, {unb}' if tokens
+                                                else f'not run yet: {GOALS_CMD} on a GPU')
+
+with open(os.path.join(here, 'signal.json'), 'w') as f:
+    json.dump({'protocol': 'needle datasets of data/needle/prepare.py; config/needle.py (one MIPT layer d=64, Adam 3e-3, '
+                           'batch 128, 15 epochs) unless the run\'s command says otherwise; best val checkpoint, test '
+                           'read once; caught = the share of needles that the exact eval cache holds at the last '
+                           'position (results/needle_eval.py)',
+               'commands': {'signal': SIGNAL_CMD, 'goals': GOALS_CMD,
+                            'diagnostics': 'python results/needle_eval.py RUNS/* --lengths=8192,32768',
+                            'collect': 'python results/collect.py RUNS results/raw/<name>_runs.json'},
+               'compare': compare, 'goals': goals}, f, indent=1)
+    f.write('\n')
+
+if __name__ == '__main__':
+    for k, t in targets.items():
+        print(k, t['measured'], t['met'], t['note'])
