@@ -61,6 +61,8 @@ def seeds(group, key='test'):
 def direction(t):
     """'≥' or '≤' from how met was computed against goal (summary.json and bench.json store no sign)."""
     m, g = t['measured'], t['goal']
+    if t.get('sense'):
+        return {'>=': '≥', '<=': '≤'}[t['sense']]
     if m is None or m == g:
         return ''
     return '≥' if (m > g) == t['met'] else '≤'
@@ -70,7 +72,7 @@ def targets_table(targets):
     rows = []
     for name, t in targets.items():
         note = t.get('note') or '; '.join(f'{k} {sig(v)}' for k, v in t.items()
-                                          if k not in ('measured', 'goal', 'met', 'source'))
+                                          if k not in ('measured', 'goal', 'met', 'source', 'sense'))
         rows.append([f'`{name}`', f"{direction(t)} {sig(t['goal'])}".strip(),
                      'not run' if t['measured'] is None else sig(t['measured']),
                      'yes' if t['met'] else '**no**', note])

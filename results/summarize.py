@@ -19,9 +19,11 @@ STEPS = (
 )
 
 
-def target(measured, goal, met, source, note=''):
-    """One entry of summary.json's targets: met is computed by the caller from measured."""
-    return {'measured': measured, 'goal': goal, 'met': met, 'source': source, 'note': note}
+def target(measured, goal, met, source, note='', sense=None):
+    """One entry of summary.json's targets: met is computed by the caller from measured. sense ('>=' or '<='), where
+    given, says which side of goal meets it (needed where measured is None: a target not run yet)."""
+    t = {'measured': measured, 'goal': goal, 'met': met, 'source': source, 'note': note}
+    return {**t, 'sense': sense} if sense else t
 
 
 def merge(parts):

@@ -112,6 +112,21 @@ if mipt is not None and peer_scores:
         ', '.join(f"{p} {t512[p].get('epochs')}" for p in peer_scores) +
         " (on the H200 image fla refuses the gated backward, so peers.py trains Gated DeltaNet and Mamba2 "
         "through slower exact substitutes)" + (f"; not measured: {', '.join(missing)}" if missing else ''))
+# Zoology's Figure 2 protocol (bash results/recall.sh RUNS 8 zoology): the twin as Zoology's attention, MIPT K=N; until
+# it runs, the twin's figure here is the shrunk budget's, so the target says which protocol it comes from
+ZOO = 'bash results/recall.sh RUNS 8 zoology'
+for key, size, d in (('mqar_256x16_d128_twin_acc', '256x16', 128), ('mqar_512x64_d128_twin_acc', '512x64', 128),
+                     ('mqar_512x64_d64_twin_acc', '512x64', 64)):
+    r = table.get(size, {}).get('attn') if d == 128 else None
+    m = None if r is None else r.get('test')
+    t[key] = target(m, 0.99, m is not None and m >= 0.99, 'results/mqar.json',
+                    (f"the shrunk budget ({r.get('epochs')} epochs, {r.get('stopped')}, lr {r['lr']}), not Zoology's "
+                     f"protocol; that run ({ZOO}) not run yet" if m is not None else f"not run yet: {ZOO} on a GPU"),
+                    sense='>=')
+kn = t512.get('K64', {}).get('test')
+t['mqar_512x64_d128_mipt_KN_acc'] = target(kn, 0.99, kn is not None and kn >= 0.99, 'results/mqar.json',
+                                           f"K=64 (=N), the shrunk budget; Zoology's protocol ({ZOO}) not run yet",
+                                           sense='>=')
 for size in table:
     print(f"== {size}")
     for model, r in table[size].items():

@@ -163,5 +163,8 @@ t['shakespeare_char_mipt_minus_twin_val'] = target(sh - twin, 0.0, sh - twin <= 
                                                    f'MIPT K=16 {sh:.4f} minus the twin {twin:.4f}, both on the whole '
                                                    'last 10% (mean of the val and test halves), each at its best-val '
                                                    'checkpoint, one seed each, the same config (baby GPT budget)')
+t['lm_converged_gap_K64'] = target(None, 0.018, False, 'results/lm_imdb.json',
+                                   'not run yet: no IMDB LM was trained to convergence (the runs behind lm_ppl_gap_K64 '
+                                   'stopped at 500-1000 iterations with the twin still improving)', sense='<=')
 for k in targets:
     print(f"{k}: {t[k]['measured']} (goal {t[k]['goal']}, met {t[k]['met']}) {t[k]['note']}")

@@ -10,3 +10,13 @@ def test_results_document_is_up_to_date():
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
     assert report.main(['--check']) in (0, None)
+
+
+def test_no_target_is_met_unmeasured_or_on_the_wrong_side():
+    import json
+    targets = json.load(open(os.path.join(ROOT, 'results', 'summary.json')))['targets']
+    for name, t in targets.items():
+        if t['measured'] is None:
+            assert not t['met'], name
+        elif t.get('sense') and t['met']:
+            assert t['measured'] >= t['goal'] if t['sense'] == '>=' else t['measured'] <= t['goal'], name
