@@ -267,3 +267,16 @@ def test_usage_warning_follows_the_signal():
     assert 'cache_explore=64 >= block_size=64' in runs.usage_warning(MIPTConfig(block_size=64, cache_explore=64))
     assert runs.usage_warning(MIPTConfig(block_size=64, cache_explore=64, cache_signal='dense')) is None
     assert runs.usage_warning(MIPTConfig(block_size=64, cache_explore=16)) is None
+
+
+def test_soft_selection_reaches_every_needle_sampling_a_few():
+    # results/signal_grad.py's measure: the needle's score gets a gradient in every row under 'dense', in about
+    # (K + R) / N of them under 'explore' (R = 128 of 1024 here)
+    import importlib.util
+    import os
+    spec = importlib.util.spec_from_file_location('signal_grad', os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'results', 'signal_grad.py'))
+    sg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sg)
+    assert sg.measure(1024, 4, 'dense', seeds=(1,), batch=8)['needle_reached'] == 1.0
+    assert sg.measure(1024, 4, 'explore', seeds=(1, 2), batch=8)['needle_reached'] < 0.6
