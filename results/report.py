@@ -287,27 +287,34 @@ def signal_pilot(runs):
         c = (r.get('needle_eval') or {}).get('caught', {})
         return ' / '.join(f3(c[s]['caught']) for s in ('val', 'test') if s in c)
 
-    rows = [[r['run'], signal_flags(r), f"{r['best_val']['acc']:.3f} (iter {r['best_val']['iter']})",
+    rows = [[r['run'], r['dataset'], signal_flags(r), f"{r['best_val']['acc']:.3f} (iter {r['best_val']['iter']})",
              f3((r.get('test') or {}).get('acc')), caught(r), f"{r['iters']}", f"{r['wall_time_s'] / 60:.0f} min",
              f"`{r['command'].split(' --out_dir')[0]}`"] for r in runs]
     return ['### The training signal (`cache_signal`): a CPU pilot', '',
             'The needle **anywhere** in 512 tokens (`python data/needle/prepare.py --span 0.0 1.0 --out_dir '
-            'data/needle_a512`), K=4, `config/needle.py` otherwise (15 epochs, batch 128), on this 2-core CPU while '
-            'other jobs shared it: two seeds of `dense`, one of `explore`, so this is a pilot, not the protocol. The GPU protocol (every '
-            'signal at four placements, lengths and vocabularies on val, then the goals on five seeds with the twin '
-            'beside) is `bash results/recall.sh RUNS 16 signal` and `... goals`, not run yet. Best val (its iteration), '
-            'then test once at that checkpoint:', '',
-            *table(['run', 'signal', 'best val', 'test', 'caught, val / test', 'iterations', 'wall', 'command'], rows),
+            'data/needle_a512`) and, for one run, the needle in the first 10% with a vocabulary of 2,000 and 8 classes '
+            '(`python data/needle/prepare.py --vocab_size 2000 --n_classes 8 --out_dir data/needle_v2000`; chance '
+            '0.125), K=4, `config/needle.py` otherwise (15 epochs, batch 128), '
+            'float32 on a 2-core CPU shared by two runs at a time: one or two seeds per signal, so this is a pilot, '
+            'not the protocol. The GPU protocol (every signal at several placements, lengths and vocabularies on '
+            'val, then the goals on five seeds with the twin beside) is `bash results/recall.sh RUNS 16 signal` and '
+            '`... goals`, not run yet. Best val (its iteration), then test once at that checkpoint:', '',
+            *table(['run', 'data', 'signal', 'best val', 'test', 'caught, val / test', 'iterations', 'wall',
+                    'command'], rows),
             '', 'Caught: the share of needles that the exact eval cache holds at the last position '
             '(`python results/needle_eval.py RUN`). What we read in this, with one or two seeds per signal:',
-            '* Soft selection with a capacity cost learns the needle anywhere (test 1.000 and 0.954), where uniform '
-            'exploration stayed at chance on seed 1 (at a2038c7 on an H200 the same rule scored 0.757 / 0.524 / 0.998 '
-            'on seeds 1-3, in bf16: one seed says little). Seed 2 misses the 0.99 goal.',
-            '* The dense runs catch fewer needles than they classify (0.91 and 0.74 of val): the ids left out of the '
-            'cache are answered by elimination among the classes, or through the recurrence when the needle is near '
-            'the end. Their val curves climb in steps and then sit on plateaus (0.91 for 200 iterations on seed 1, '
-            'whose last step reached 1.000; 0.90-0.95 on seed 2). This is the lock-in the signal was meant to '
-            'remove, smaller but not gone; the GPU comparison measures it per signal.',
+            '* Sampled candidates do not learn the needle anywhere on seed 1: `explore` and `weighted` stay at chance '
+            '(val 0.265 and 0.273, caught 0.00 and 0.03). `weighted` draws by `s`, which carries no information '
+            'before the cache has learned, so it is no better than uniform draws. At a2038c7 on an H200 `explore` '
+            'scored 0.757 / 0.524 / 0.998 on seeds 1-3 in bf16, so a single seed says little about it.',
+            '* Soft selection learns it, with `p_penalty=1.0` as a capacity cost: `dense` val 1.000 and 0.952, '
+            '`mixed` 1.000 and 0.947, on seeds 1 and 2. With a vocabulary of 2,000, `dense` reaches 0.998; `explore` '
+            'scored 0.941 and 0.845 there at a2038c7. The seed-2 runs of both miss the 0.99 goal.',
+            '* The runs catch fewer needles than they classify: 0.74-0.94 of val. The ids left out of the cache are '
+            'answered by elimination among the classes, or through the recurrence when the needle is near the end. '
+            'The val curves climb in steps and then sit on plateaus: `mixed` seed 2 stays at 0.94-0.95 from '
+            'iteration 195 to the end, `dense` seed 2 at 0.90-0.95. This is the lock-in the signal was meant to '
+            'remove; it is smaller but not gone.',
             '', '![val accuracy against iterations](results/plots/signal_val_curves.png)', '']
 
 
@@ -786,7 +793,8 @@ def plot_data(J):
         'title': 'The training signals: val accuracy (exact eval cache) against iterations, per needle cell',
         'panels': panels}} if panels else {}
     pilot.update({'signal_val_curves.png': {
-        'title': 'Needle anywhere in 512, K=4: val accuracy (exact eval cache) against iterations, CPU pilot',
+        'title': 'Needle, K=4 (anywhere in 512; v2000: vocabulary 2,000, first 10%): val accuracy against iterations, '
+                 'CPU pilot',
         'panels': [{'series': curves, 'xlabel': 'iteration', 'ylabel': 'val accuracy', 'hline': 0.25,
                     'linear_x': True}]}} if curves else {})
     return {
