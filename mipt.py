@@ -32,6 +32,7 @@ Glossary (code name: paper symbol, shape)
     L       cache_chunk             query chunk of the cache's training path
     end     cache_intervals         token j is in the cache of queries j <= i < end_j, (B, T)
     R       cache_explore           training: earlier positions each query also attends to (0 off, -1 all)
+    signal  cache_signal            training: how s learns what to keep, 'explore' | 'weighted' | 'dense' | 'mixed'
     state   DecodeState             per layer a MIPTState (h (B, D), s (B,), CacheSlots k, v (B, H, K, hd),
                                     score, pos (B, K)) or the twin's KVCache; pos; pooled (B, D) for 'mean'
 
