@@ -118,9 +118,9 @@ class MIPTConfig:
         return None if self.cache_explore == -1 else self.cache_explore
 
 
-def _need(ok, msg, error=ValueError):  # every bad input: one line
+def _need(ok, msg):  # every bad input: one line
     if not ok:
-        raise error(msg)
+        raise ValueError(msg)
 
 
 def acc_dtype(dtype):

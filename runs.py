@@ -118,7 +118,6 @@ def optimizer(model, weight_decay, learning_rate, betas, device_type):
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=(device_type == 'cuda'))
 
 
-
 # -----------------------------------------------------------------------------
 # what the scripts tell about a model and its settings
 
@@ -156,6 +155,7 @@ def probe(model, idx, lengths=None):
     K, fill = model.config.K, [((s > model.config.cache_tau) & real).sum(1).float() for s in scores]  # (B,) each
     return {'p_mean': [(s * real).sum().item() / real.sum().item() for s in scores],
             'cache_fill': [(n if K is None else n.clamp(max=K)).mean().item() for n in fill], 's': scores}
+
 
 # -----------------------------------------------------------------------------
 # out_dir: ckpt.pt (the best), ckpt_last.pt (the latest, resumes exactly), log.jsonl, metrics.json, .lock

@@ -220,13 +220,14 @@ def signal_grad(g):
         return []
     rows = [[f"{r['N']:,}", str(r['K']), f"`{r['signal']}`", f"{r['needle_reached']:.2f}", f"{r['grad_needle']:.2e}",
              f"{r['grad_noise']:.2e}", f"{r['needle_over_noise']:.1f}"] for r in g['rows']]
+    explore = ', '.join(f"{r['needle_reached']:.2f} at {r['N']}" for r in g['rows'] if r['signal'] == 'explore')
     return ['### Where the signal reaches the needle', '',
             f"`{g['command']}` ({g['device']}). {g['protocol']}", '',
             *table(['N', 'K', 'signal', 'rows whose needle score gets a gradient', 'mean abs(dL/ds), needle',
                     'mean abs(dL/ds), noise', 'needle / noise'], rows), '',
             'The classifier reads the last position, so only the last query\'s candidates carry the loss back to a '
-            'score: with sampled candidates the needle takes part in about (K + R)/N of the rows (0.29 at 512, 0.10 at '
-            '2048, none of 48 at 8192), and in a row where it does not, nothing tells its score to rise. Soft '
+            f'score: with sampled candidates the needle takes part in about (K + R)/N of the rows ({explore}), and in '
+            'a row where it does not, nothing tells its score to rise. Soft '
             'selection reaches it in every row at every N. At initialization the needle\'s gradient is no larger than '
             'the noise\'s (ratio about 1): the ranking has to be learned through the classifier, which is where the '
             'lock-in above comes from.', '']
@@ -280,7 +281,8 @@ def signal_flags(r):
 
 
 def signal_pilot(runs):
-    """The training signals side by side on a CPU: a shrunk pilot, one seed per signal, until the GPU runs land."""
+    """The training signals side by side on a CPU: a shrunk pilot, one to three seeds per signal, until the GPU runs
+    land."""
     if not runs:
         return []
     def caught(r):
@@ -790,16 +792,19 @@ def plot_data(J):
                           for name, g in by_sig.items() for seed, r in sorted(g['seeds'].items())},
                'xlabel': f'iteration ({CELLS.get(cell, cell)})', 'ylabel': 'val accuracy', 'linear_x': True}
               for cell, by_sig in compare.items()]
-    pilot = {'signal_compare_curves.png': {
-        'title': 'The training signals: val accuracy (exact eval cache) against iterations, per needle cell',
-        'panels': panels}} if panels else {}
-    pilot.update({'signal_val_curves.png': {
-        'title': 'Needle, K=4 (anywhere in 512; v2000: vocabulary 2,000, first 10%): val accuracy against iterations, '
-                 'CPU pilot',
-        'panels': [{'series': curves, 'xlabel': 'iteration', 'ylabel': 'val accuracy', 'hline': 0.25,
-                    'linear_x': True}]}} if curves else {})
+    signal = {}  # the signals' plots, once their runs exist
+    if panels:
+        signal['signal_compare_curves.png'] = {
+            'title': 'The training signals: val accuracy (exact eval cache) against iterations, per needle cell',
+            'panels': panels}
+    if curves:
+        signal['signal_val_curves.png'] = {
+            'title': 'Needle, K=4 (anywhere in 512; v2000: vocabulary 2,000, first 10%): val accuracy against '
+                     'iterations, CPU pilot',
+            'panels': [{'series': curves, 'xlabel': 'iteration', 'ylabel': 'val accuracy', 'hline': 0.25,
+                        'linear_x': True}]}
     return {
-        **pilot,
+        **signal,
         'throughput_vs_T.png': {
             'title': f"Training throughput against T ({b['device']}, bf16)",
             'panels': [{'series': series([r for r in b['mixers'] if 'layer' in r], lambda r: name(r['layer']), 'T',

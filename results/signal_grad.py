@@ -28,10 +28,9 @@ def score_grads(model, x, y):
     """One training step's dL/ds (B, T) of the first layer's scores; the forward runs in train mode."""
     keep = {}
 
-    def grab(module, args):
-        y_, s = args[0], args[1]
-        s.retain_grad()
-        keep['s'] = s
+    def grab(module, args):  # SparseCache.forward(y, s, ...)
+        keep['s'] = args[1]
+        keep['s'].retain_grad()
     h = model.blocks[0].mix.cache.register_forward_pre_hook(grab)
     try:
         model.train()

@@ -9,6 +9,7 @@ that order. Two steps may not define the same target. Then `python results/repor
 import json
 import os
 import runpy
+import statistics
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STEPS = (
@@ -24,6 +25,12 @@ def target(measured, goal, met, source, note='', sense=None):
     given, says which side of goal meets it (needed where measured is None: a target not run yet)."""
     t = {'measured': measured, 'goal': goal, 'met': met, 'source': source, 'note': note}
     return {**t, 'sense': sense} if sense else t
+
+
+def mean(xs):
+    """The mean of the values that are not None, or None."""
+    xs = [x for x in xs if x is not None]
+    return statistics.mean(xs) if xs else None
 
 
 def merge(parts):

@@ -12,9 +12,8 @@ import ast
 import json
 import os
 import re
-import statistics
 
-from summarize import target
+from summarize import mean, target
 
 here = os.path.dirname(os.path.abspath(__file__))
 raw = os.path.join(here, 'raw')
@@ -39,11 +38,6 @@ for text in open(os.path.join(raw, 'h200_call2_summary.txt')):
         best = ast.literal_eval(m.group(2))
         runs[m.group(1)] = {'val': best['acc'], 'best_iter': best['iter'], 'test': ast.literal_eval(m.group(3)),
                             'cache_fill': ast.literal_eval(m.group(4)) or [], 'source': 'raw/h200_call2_summary.txt'}
-
-
-def mean(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.mean(xs) if xs else None
 
 
 def group(prefix, seeds=(1, 2, 3)):

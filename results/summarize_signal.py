@@ -10,9 +10,8 @@ per run by train.py.
 import json
 import os
 import re
-import statistics
 
-from summarize import target
+from summarize import mean, target
 
 here = os.path.dirname(os.path.abspath(__file__))
 raw = os.path.join(here, 'raw')
@@ -35,13 +34,8 @@ def row(r):
             'stopped_at_time_limit': r.get('stopped_at_time_limit'), 'device': r.get('device'),
             'caught_val': (caught.get('val') or {}).get('caught'), 'caught_test': (caught.get('test') or {}).get('caught'),
             'stored_test': (caught.get('test') or {}).get('stored'),
-            'lengths': {n: v for n, v in (ev.get('lengths') or {}).items()},
+            'lengths': ev.get('lengths') or {},
             'val_curve': r.get('val_curve'), 'command': r.get('command')}
-
-
-def mean(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.mean(xs) if xs else None
 
 
 signal_runs, goal_runs = load('signal_runs.json'), load('goals_runs.json')
