@@ -137,5 +137,5 @@ run_one() {  # run one command, logging it beside its run
   $cmd >> "$dir/stdout.txt" 2>&1 || echo "FAILED ($?): $cmd"
 }
 export -f run_one
-printf '%s\n' "${cmds[@]}" | grep -E "${ONLY:-.}" | xargs -d '\n' -P "$jobs" -I{} bash -c 'run_one "$@"' _ {}
+printf '%s\n' "${cmds[@]}" | grep -E -e "${ONLY:-.}" | xargs -d '\n' -P "$jobs" -I{} bash -c 'run_one "$@"' _ {}
 echo "done: $set"

@@ -15,8 +15,11 @@ from summarize import mean, target
 
 here = os.path.dirname(os.path.abspath(__file__))
 raw = os.path.join(here, 'raw')
-SIGNAL_CMD = 'bash results/recall.sh RUNS 24 signal'
-GOALS_CMD = 'SIGNAL="--cache_signal=dense --p_penalty=1.0" bash results/recall.sh RUNS 24 goals'
+# the commands as run (ONLY picks the runs of a set that one device call could hold)
+SIGNAL_CMD = ("ONLY='signal-[a-z0-9]+-(explore|dense-pen1.0|mixed-pen1.0)-s[12]|weighted-s1' MINUTES=4.5 "
+              "bash results/recall.sh RUNS 28 signal")
+GOALS_CMD = ("ONLY='goal-(a512|a2048|demoK1|demoK4|v5000)-s[1-5]$|goal-unb2048-tau0.5-s[1-5]$|goal-(a512|a2048|demoK4|"
+             "v5000)-attn-s[1-5]$' SIGNAL=\"--cache_signal=mixed --p_penalty=1.0\" bash results/recall.sh RUNS 34 goals")
 SEEDS = 5
 
 
@@ -32,6 +35,7 @@ def row(r):
     return {'val': r['best_val'].get('acc'), 'best_iter': r['best_val'].get('iter'), 'iters': r.get('iters'),
             'test': (r.get('test') or {}).get('acc'), 'wall_time_s': r.get('wall_time_s'),
             'stopped_at_time_limit': r.get('stopped_at_time_limit'), 'device': r.get('device'),
+            'train_loss': r.get('final_train_loss'),
             'caught_val': (caught.get('val') or {}).get('caught'), 'caught_test': (caught.get('test') or {}).get('caught'),
             'stored_test': (caught.get('test') or {}).get('stored'),
             'lengths': ev.get('lengths') or {},
@@ -53,6 +57,12 @@ for cfg in compare.values():
                     'val_min': min((s['val'] for s in seeds.values() if s['val'] is not None), default=None),
                     'caught_val_mean': mean(s['caught_val'] for s in seeds.values())}
 
+# the choice: the best mean over the cells of each signal's mean val (cells where some signal is missing count as 0)
+cells = sorted(compare)
+choice = {sig: mean((compare[c].get(sig) or {}).get('val_mean') or 0.0 for c in cells)
+          for sig in sorted({sig for c in cells for sig in compare[c]})}
+chosen = max(choice, key=choice.get) if choice else None
+
 # 2. the goals: goal-<cell>[-attn|-tau<t>]-s<seed>
 gname = re.compile(r'^goal-(\w+?)(?:-(attn|tau[\d.]+))?-s(\d+)$')
 goals = {}
@@ -73,7 +83,8 @@ def min_target(cell, variant='mipt', key=lambda s: s['test'], goal=0.99, what='t
     vals = [key(s) for s in seeds.values()]
     vals = [v for v in vals if v is not None]
     measured = min(vals) if vals else None
-    note = (f'{what}, the worst of seeds {sorted(seeds)}' if vals else f'not run yet: {GOALS_CMD} on a GPU') + \
+    note = (f'{what}, the worst of seeds {sorted(seeds)}' if vals else f'not run: no {cell} runs in results/raw/'
+            f'goals_runs.json (SIGNAL=... bash results/recall.sh RUNS 34 goals runs them)') + \
         ('' if len(vals) >= SEEDS else f' ({len(vals)} of {SEEDS} seeds)')
     return target(measured, goal, measured is not None and len(vals) >= SEEDS and measured >= goal,
                   'results/signal.json', note + ', every seed must meet it', sense='>=')
@@ -95,7 +106,9 @@ tokens = [s['stored_test'] for s in goals.get('unb2048', {}).get(unb or '', {}).
 targets['recall_unbounded2048_tokens'] = target(mean(tokens), 2.0,
                                                 bool(tokens) and mean(tokens) <= 2, 'results/signal.json',
                                                 f'mean tokens in the last position\'s cache, test, {unb}' if tokens
-                                                else f'not run yet: {GOALS_CMD} on a GPU', sense='<=')
+                                                else 'not measured: results/needle_eval.py did not finish on the '
+                                                'unbounded runs within the device call' if unb
+                                                else 'not run: no unb2048 runs in results/raw/goals_runs.json', sense='<=')
 
 with open(os.path.join(here, 'signal.json'), 'w') as f:
     json.dump({'protocol': 'needle datasets of data/needle/prepare.py; config/needle.py (one MIPT layer d=64, Adam 3e-3, '
@@ -105,6 +118,8 @@ with open(os.path.join(here, 'signal.json'), 'w') as f:
                'commands': {'signal': SIGNAL_CMD, 'goals': GOALS_CMD,
                             'diagnostics': 'python results/needle_eval.py RUNS/* --lengths=8192,32768',
                             'collect': 'python results/collect.py RUNS results/raw/<name>_runs.json'},
+               'choice': {'rule': 'the signal with the best mean, over the cells, of its mean val', 'chosen': chosen,
+                          'mean_val_over_cells': choice},
                'compare': compare, 'goals': goals}, f, indent=1)
     f.write('\n')
 
