@@ -8,9 +8,10 @@
 #   SET long   : the needle anywhere in N=2048 (MIPT K=16, R=512, 1 layer, 3 seeds; the twin, seed 1)
 #   SET lm     : the language models with and without the signal (shakespeare_char baby GPT; IMDB LM at
 #                1000 iterations, K=64)
-#   SET signal : the training signals (cache_signal) compared on val at four needle placements/lengths/vocabularies
-#                (anywhere in 512 K=4, anywhere in 2048 K=16, first 10% of 1024 K=4, vocabulary 2000 K=4), seeds 1-2;
-#                MINUTES caps each run's training time
+#   SET signal : the training signals (cache_signal, with p_penalty 0 / 0.1 / 1 for the soft ones) compared on val
+#                at five needle placements/lengths/vocabularies (anywhere in 512 K=4, anywhere in 2048 K=16, first 10%
+#                of 1024 K=4, vocabulary 2000 K=4, the paper's demo K=4), seeds 1-2; MINUTES caps each run's time;
+#                ONLY picks a part that one call can hold
 #   SET goals  : the recall goals with SIGNAL (e.g. SIGNAL="--cache_signal=dense --p_penalty=1.0"), seeds 1-5, the
 #                twin beside each row; then python results/needle_eval.py RUNS/* --lengths=8192,32768
 #   SET zoology: MQAR by Zoology's Figure 2 protocol (64 epochs of cosine from the peak, no warmup, AdamW wd 0.1,
@@ -56,11 +57,12 @@ prep() {  # a needle dataset in data/<name>, made once
 nd() { echo "config/needle.py --dataset=$1 --block_size=$2"; }
 if [ "$set" = signal ]; then
   prep needle_a512 --span 0.0 1.0; prep needle_a2048 --seq_len 2048 --span 0.0 1.0
-  prep needle_f1024 --seq_len 1024; prep needle_v2000 --vocab_size 2000 --n_classes 8
+  prep needle_f1024 --seq_len 1024; prep needle_v2000 --vocab_size 2000 --n_classes 8; prep needle_demo
   for seed in 1 2; do
-    for sig in "explore" "weighted" "dense --p_penalty=0.0" "dense --p_penalty=1.0" "mixed --p_penalty=1.0"; do
+    for sig in "explore" "weighted" "dense --p_penalty=0.0" "dense --p_penalty=0.1" "dense --p_penalty=1.0" \
+               "mixed --p_penalty=0.0" "mixed --p_penalty=0.1" "mixed --p_penalty=1.0"; do
       tag=${sig// --p_penalty=/-pen}
-      for c in "a512 512 4" "a2048 2048 16" "f1024 1024 4" "v2000 512 4"; do
+      for c in "a512 512 4" "a2048 2048 16" "f1024 1024 4" "v2000 512 4" "demo 512 4"; do
         set -- $c
         cmds+=("$PY train.py $(nd needle_$1 $2) --cache_size=$3 --cache_signal=$sig --seed=$seed ${MINUTES:+--max_minutes=$MINUTES} --out_dir=$root/signal-$1-$tag-s$seed")
       done

@@ -233,7 +233,7 @@ def signal_grad(g):
             'lock-in above comes from.', '']
 
 
-CELLS = {'a512': 'anywhere in 512, K=4', 'a2048': 'anywhere in 2048, K=16', 'f1024': 'first 10% of 1024, K=4',
+CELLS = {'a512': 'anywhere in 512, K=4', 'demo': "the paper's demo (first 10% of 512), K=4", 'a2048': 'anywhere in 2048, K=16', 'f1024': 'first 10% of 1024, K=4',
          'v2000': 'vocabulary 2,000 (8 classes), 512, K=4', 'a8192': 'anywhere in 8192, K=16',
          'demoK1': "the paper's demo, K=1", 'demoK4': "the paper's demo, K=4", 'v5000': 'vocabulary 5,000 (16 classes), K=4',
          'v300c8': 'vocabulary 300, 8 classes, K=4', 'unb512': "the demo, unbounded cache", 'unb2048': 'anywhere in 2048, unbounded cache'}

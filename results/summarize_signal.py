@@ -16,10 +16,10 @@ from summarize import mean, target
 here = os.path.dirname(os.path.abspath(__file__))
 raw = os.path.join(here, 'raw')
 # the commands as run (ONLY picks the runs of a set that one device call could hold)
-SIGNAL_CMD = ("ONLY='signal-[a-z0-9]+-(explore|dense-pen1.0|mixed-pen1.0)-s[12]|weighted-s1' MINUTES=4.5 "
-              "bash results/recall.sh RUNS 28 signal")
+SIGNAL_CMD = ("ONLY='signal-(a512|a2048|f1024|v2000)-((explore|dense-pen1.0|mixed-pen1.0)-s[12]|weighted-s1)$' "
+              "MINUTES=4.5 bash results/recall.sh RUNS 28 signal")
 GOALS_CMD = ("ONLY='goal-(a512|a2048|demoK1|demoK4|v5000)-s[1-5]$|goal-unb2048-tau0.5-s[1-5]$|goal-(a512|a2048|demoK4|"
-             "v5000)-attn-s[1-5]$' SIGNAL=\"--cache_signal=mixed --p_penalty=1.0\" bash results/recall.sh RUNS 34 goals")
+             "v5000)-attn-s1$' SIGNAL=\"--cache_signal=mixed --p_penalty=1.0\" bash results/recall.sh RUNS 34 goals")
 SEEDS = 5
 
 

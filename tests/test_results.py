@@ -29,4 +29,4 @@ def test_recall_sh_only_picks_runs_even_when_the_pattern_starts_with_a_dash(tmp_
     env = dict(os.environ, ONLY='-(explore)-s1', PY='echo')
     subprocess.run(['bash', os.path.join(ROOT, 'results', 'recall.sh'), str(tmp_path / 'runs'), '2', 'signal'],
                    cwd=tmp_path, env=env, check=True, capture_output=True)
-    assert sorted(os.listdir(tmp_path / 'runs')) == [f'signal-{c}-explore-s1' for c in ('a2048', 'a512', 'f1024', 'v2000')]
+    assert sorted(os.listdir(tmp_path / 'runs')) == [f'signal-{c}-explore-s1' for c in ('a2048', 'a512', 'demo', 'f1024', 'v2000')]
