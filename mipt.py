@@ -15,9 +15,10 @@ Tokens measured hard are "facts": a causal sparse cache keeps the K tokens with 
 read with attention and fused into y through a sigmoid gate, so decoding needs O(D) state plus an O(K D) cache
 per layer, where a Transformer needs O(T D). Selection has no gradient, so training gives the scores a signal of
 their own (cache_signal): R earlier positions attended beside the cache, drawn uniformly or by s ('explore',
-'weighted'); soft selection over every earlier position ('dense', with p_penalty as a capacity cost); or 'mixed',
-a coin per layer and training step between 'dense' and 'explore'. Every position is scored with the same log s_j
-bias. Eval and decoding always read the exact cache.
+'weighted'); soft selection over every earlier position ('dense', with p_penalty as a capacity cost); 'mixed',
+a coin per layer and training step between 'dense' and 'explore'; or 'distill', 'explore' plus a pull of every
+score toward the attention mass that dense content attention gives its token. Every position is scored with the
+same log s_j bias. Eval and decoding always read the exact cache.
 
 Glossary (code name: paper symbol, shape)
     logit   W_p x_t + bias          pre-sigmoid measurement, (B, T, D); bias starts at logit(p_init): wave phase
@@ -33,6 +34,7 @@ Glossary (code name: paper symbol, shape)
     end     cache_intervals         token j is in the cache of queries j <= i < end_j, (B, T)
     R       cache_explore           training: earlier positions each query also attends to (0 off, -1 all)
     signal  cache_signal            training: how s learns what to keep, 'explore' | 'weighted' | 'dense' | 'mixed'
+                                    | 'distill'
     state   DecodeState             per layer a MIPTState (h (B, D), s (B,), CacheSlots k, v (B, H, K, hd),
                                     score, pos (B, K)) or the twin's KVCache; pos; pooled (B, D) for 'mean'
 
@@ -69,7 +71,7 @@ class MIPTConfig:
     cache_tau: float = 0.0       # tau: eligible when s_t > tau
     cache_chunk: int = 128       # L: query chunk of the exact causal cache in training
     cache_explore: int = 64      # R: exploration candidates per query in training (0 off, -1 all)
-    cache_signal: str = 'explore'  # training: 'explore' | 'weighted' | 'dense' | 'mixed' (see the glossary)
+    cache_signal: str = 'explore'  # training: how s learns what to keep (see the glossary)
     p_init: float = 0.1          # initial measurement rate
     p_penalty: float = 0.0       # optional sparsity penalty on s, added to the loss
     n_classes: int = 0           # 0 = language model, > 0 = classifier
@@ -90,7 +92,7 @@ class MIPTConfig:
         for name, allowed in [('mixer', ('mipt', 'attention')), ('attn_impl', ('sdpa', 'naive')),
                               ('scan_impl', ('auto', 'torch', 'cuda')), ('cache_impl', ('auto', 'torch', 'triton')),
                               ('readout', ('last', 'mean')),
-                              ('cache_signal', ('explore', 'weighted', 'dense', 'mixed'))]:
+                              ('cache_signal', ('explore', 'weighted', 'dense', 'mixed', 'distill'))]:
             v = getattr(self, name)
             _need(v in allowed, f"{name} must be {', '.join(map(repr, allowed[:-1]))} or {allowed[-1]!r}, got {v!r}")
         for name in ('vocab_size', 'block_size', 'n_layer', 'n_embd', 'n_head', 'cache_chunk'):
@@ -425,6 +427,35 @@ def cache_attention_dense(q, k, v, log_s, null_k, null_v):
     return att.transpose(1, 2)[:, 1:, :, :hd]
 
 
+class ScoreDistill(torch.autograd.Function):
+    """'distill': the read-out passes unchanged; in backward every score is also pulled toward the attention mass that
+    dense content attention (softmax_j q_i.k_j over every j <= i, no log s) gives its token, each query weighted by
+    how much its output matters to the loss, w_i = |dL/d att_i|: the gradient of sum_{h,i} w_hi KL(a_hi || s_j / S_i)
+    per row and head, S_i = sum_{j<=i} s_j. The masses come from one causal attention backward (no (T, T) tensor).
+    att, q, k (B, T, H, hd) with q, k detached; log_s (B, T)."""
+
+    @staticmethod
+    def forward(ctx, att, log_s, q, k):
+        ctx.save_for_backward(log_s, q, k)
+        return att.view_as(att)
+
+    @staticmethod
+    def backward(ctx, g):
+        log_s, q, k = ctx.saved_tensors
+        B, T, H, hd = q.shape
+        acc = acc_dtype(g.dtype)
+        w = g.to(acc).norm(dim=-1)                                                     # (B, T, H)
+        w = w / w.sum(1, keepdim=True).clamp(min=1e-30)                                # over queries, per row and head
+        with torch.enable_grad():
+            v = torch.zeros_like(q).transpose(1, 2).requires_grad_()                    # (B, H, T, hd)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v, is_causal=True)
+            mass, = torch.autograd.grad(out[..., 0], v, grad_outputs=w.transpose(1, 2).to(out.dtype))
+        M = mass[..., 0].to(acc).sum(1)                        # (B, T) sum_{h, i >= j} w_hi a_hij: the teacher
+        s = log_s.to(acc).exp()
+        G = (w.sum(2) / s.cumsum(1)).flip(1).cumsum(1).flip(1)  # (B, T) sum_{h, i >= j} w_hi / S_i
+        return g, ((s * G - M) / (B * H)).to(log_s.dtype), None, None
+
+
 class SparseCache(nn.Module):
     """Reads the cache with multi-head attention and fuses it into y: out = y + g * attend(q, cache). Keys and
     values come from y_j, log s_j is added to the logits; a learned null slot makes an empty cache well defined."""
@@ -464,7 +495,10 @@ class SparseCache(nn.Module):
         else:
             cand, end = self.plan(s.detach())
             att = kernels().cache_readout(q, k, v, log_s, end, cand, self.null_k, self.null_v, L, impl=self.impl,
-                                          reference=cache_attention_torch).reshape(B, T, D)
+                                          reference=cache_attention_torch)                       # (B, T, H, hd)
+            if self.training and self.signal == 'distill':
+                att = ScoreDistill.apply(att, log_s, q.detach(), k.detach())
+            att = att.reshape(B, T, D)
         out = y + torch.sigmoid(self.gate(y)) * self.proj(att)
         if not want_state:
             return out, None

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import mipt
-from mipt import MIPT, MIPTConfig, SparseCache, cache_attention_dense, cache_attention_torch, cache_plan
+from mipt import MIPT, MIPTConfig, ScoreDistill, SparseCache, cache_attention_dense, cache_attention_torch, cache_plan
 
-SIGNALS = ('explore', 'weighted', 'dense', 'mixed')
+SIGNALS = ('explore', 'weighted', 'dense', 'mixed', 'distill')
 
 
 def _inputs(B, T, H, hd, dtype=torch.float64, seed=0):
@@ -112,10 +112,85 @@ def test_which_scores_get_a_gradient(signal):
     grad, = torch.autograd.grad(out.pow(2).sum(), s)
     uncached = grad[:, 1:]
     assert grad[:, 0].abs().min() > 0
-    if signal == 'dense' or signal == 'mixed' and soft:
+    if signal in ('dense', 'distill') or signal == 'mixed' and soft:
         assert uncached.abs().min() > 0          # every uncached, unsampled token's score learns
     else:
         assert uncached.abs().max() == 0         # only what the plan attends to
+
+
+def _distill_reference(att, log_s, q, k):
+    """The loss whose gradient ScoreDistill adds, with the (T, T) matrices: sum over rows, heads and queries of
+    w_hi KL(a_hi || s_j / S_i), a_hi = softmax_j<=i q_hi.k_hj / sqrt(hd), w = |dL/d att| normalised over queries;
+    divided by B * H."""
+    B, T, H, hd = q.shape
+    w = att.norm(dim=-1)                                                           # here att stands for dL/d att
+    w = w / w.sum(1, keepdim=True)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    a = torch.softmax((torch.einsum('bihd,bjhd->bhij', q, k) / math.sqrt(hd)).masked_fill(~causal, -math.inf), -1)
+    log_sigma = torch.log_softmax(log_s[:, None, :].expand(B, T, T).masked_fill(~causal, -math.inf), -1)  # (B, i, j)
+    kl = (a * (torch.log(a.clamp(min=1e-300)) - log_sigma[:, None])).masked_fill(~causal, 0).sum(-1)      # (B, H, i)
+    return (w.transpose(1, 2) * kl).sum() / (B * H)
+
+
+@pytest.mark.parametrize('T', [1, 7, 33])
+def test_distill_gradient_is_the_kl_to_dense_attention(T):
+    q, k, att, log_s, _, _ = _inputs(2, T, 3, 4, seed=T)
+    q, k = q.detach(), k.detach()
+    g = torch.randn_like(att)
+    out = ScoreDistill.apply(att, log_s, q, k)
+    assert torch.equal(out, att)                                       # the read-out passes unchanged
+    got_att, got_s = torch.autograd.grad((out * g).sum(), (att, log_s))
+    want_s, = torch.autograd.grad(_distill_reference(g, log_s, q, k), log_s)
+    torch.testing.assert_close(got_att, g, rtol=0, atol=0)
+    torch.testing.assert_close(got_s, want_s, rtol=1e-9, atol=1e-12)
+
+
+def test_distill_runs_fused_on_the_cpu():
+    # the teacher's masses through FlashAttention's CPU kernel alone, against the float64 reference
+    q, k, att, log_s, _, _ = _inputs(2, 300, 3, 8, seed=4)
+    g = torch.randn_like(att)
+    want, = torch.autograd.grad(_distill_reference(g, log_s, q.detach(), k.detach()), log_s)
+    f = [t.detach().float() for t in (att, log_s, q, k)]
+    f[0].requires_grad_(), f[1].requires_grad_()
+    with _fused_only('cpu'):
+        got, = torch.autograd.grad((ScoreDistill.apply(*f) * g.float()).sum(), f[1])
+    torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_distill_on_gpu_is_fused_and_linear_in_memory(dtype):
+    q, k, att, log_s, _, _ = _inputs(2, 700, 4, 16, seed=12)
+    g = torch.randn_like(att)
+    want, = torch.autograd.grad(_distill_reference(g, log_s, q.detach(), k.detach()), log_s)
+    dev = [t.detach().cuda().to(dtype if t.dim() == 4 else torch.float32) for t in (att, log_s, q, k)]
+    dev[0].requires_grad_(), dev[1].requires_grad_()
+    with _fused_only('cuda'):
+        got, = torch.autograd.grad((ScoreDistill.apply(*dev) * g.cuda().to(dtype)).sum(), dev[1])
+    tol = 1e-3 if dtype == torch.float32 else 3e-2
+    assert (got.double().cpu() - want).abs().max() < tol * want.abs().max()
+    T = 16384
+    big = [torch.randn(1, T, 4, 16, device='cuda', dtype=dtype) for _ in range(3)]
+    big[0].requires_grad_()
+    log_s = torch.randn(1, T, device='cuda').clamp(max=0).requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with _fused_only('cuda'):
+        ScoreDistill.apply(big[0], log_s, big[1], big[2]).sum().backward()
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < T * T // 2   # 128 MiB; a (4, T, T) matrix is 2 GiB+
+
+
+def test_distill_leaves_the_forward_pass_alone():
+    torch.manual_seed(0)
+    y, s = torch.randn(2, 13, 16, dtype=torch.float64), torch.rand(2, 13, dtype=torch.float64)
+    outs = []
+    for signal in ('explore', 'distill'):
+        cache = _cache(signal, K=2, R=3)
+        torch.manual_seed(1)
+        outs.append(cache(y, s)[0])
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
 
 
 def test_mixed_takes_both_paths():
@@ -168,7 +243,7 @@ def test_eval_equals_step_after_training_with_the_signal(signal):
 
 
 def test_bad_signal_is_one_line():
-    with pytest.raises(ValueError, match="cache_signal must be 'explore', 'weighted', 'dense' or 'mixed', got 'soft'"):
+    with pytest.raises(ValueError, match="cache_signal must be 'explore', 'weighted', 'dense', 'mixed' or 'distill', got 'soft'"):
         MIPTConfig(cache_signal='soft')
 
 
