@@ -8,7 +8,7 @@
 #   SET long   : the needle anywhere in N=2048 (MIPT K=16, R=512, 1 layer, 3 seeds; the twin, seed 1)
 #   SET lm     : the language models with and without the signal (shakespeare_char baby GPT; IMDB LM at
 #                1000 iterations, K=64)
-#   SET signal : the training signals (cache_signal, with p_penalty 0 / 0.1 / 1 for the soft ones) compared on val
+#   SET signal : the training signals (cache_signal; p_penalty 0 / 0.1 / 1 for the soft ones) compared on val
 #                at five needle placements/lengths/vocabularies (anywhere in 512 K=4, anywhere in 2048 K=16, first 10%
 #                of 1024 K=4, vocabulary 2000 K=4, the paper's demo K=4), seeds 1-2; MINUTES caps each run's time;
 #                ONLY picks a part that one call can hold
@@ -60,7 +60,7 @@ if [ "$set" = signal ]; then
   prep needle_f1024 --seq_len 1024; prep needle_v2000 --vocab_size 2000 --n_classes 8; prep needle_demo
   for seed in 1 2; do
     for sig in "explore" "weighted" "dense --p_penalty=0.0" "dense --p_penalty=0.1" "dense --p_penalty=1.0" \
-               "mixed --p_penalty=0.0" "mixed --p_penalty=0.1" "mixed --p_penalty=1.0"; do
+               "mixed --p_penalty=0.0" "mixed --p_penalty=0.1" "mixed --p_penalty=1.0" "distill"; do
       tag=${sig// --p_penalty=/-pen}
       for c in "a512 512 4" "a2048 2048 16" "f1024 1024 4" "v2000 512 4" "demo 512 4"; do
         set -- $c
