@@ -497,7 +497,7 @@ class SparseCache(nn.Module):
             att = kernels().cache_readout(q, k, v, log_s, end, cand, self.null_k, self.null_v, L, impl=self.impl,
                                           reference=cache_attention_torch)                       # (B, T, H, hd)
             if self.training and self.signal == 'distill':
-                att = ScoreDistill.apply(att, log_s, q.detach(), k.detach())
+                att = ScoreDistill.apply(att, log_s, q.detach().contiguous(), k.detach().contiguous())
             att = att.reshape(B, T, D)
         out = y + torch.sigmoid(self.gate(y)) * self.proj(att)
         if not want_state:

@@ -355,3 +355,17 @@ def test_soft_selection_reaches_every_needle_sampling_a_few():
     spec.loader.exec_module(sg)
     assert sg.measure(1024, 4, 'dense', seeds=(1,), batch=8)['needle_reached'] == 1.0
     assert sg.measure(1024, 4, 'explore', seeds=(1, 2), batch=8)['needle_reached'] < 0.6
+
+
+def test_distill_trains_under_torch_compile():
+    # the teacher's backward runs an attention inside autograd's backward; compiled and eager give the same gradients
+    torch.manual_seed(0)
+    cfg = MIPTConfig(vocab_size=11, block_size=32, n_layer=1, n_embd=16, n_head=2, cache_size=3, cache_explore=0,
+                     cache_chunk=8, cache_signal='distill')  # no exploration: compiled code draws its own numbers
+    model = MIPT(cfg)
+    x = torch.randint(0, 11, (2, 24))
+    grads = []
+    for m in (model, torch.compile(model)):
+        _, loss = m(x, targets=x)
+        grads.append(torch.autograd.grad(loss, model.blocks[0].mix.proj.weight))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
