@@ -353,6 +353,7 @@ def signal_pilot(runs):
     by = {r['run']: r for r in runs}
     val = lambda name: f"{f3(by[name]['best_val']['acc'])} (iteration {by[name]['best_val']['iter']})" if name in by else 'not run'
     test = lambda name: f3((by[name].get('test') or {}).get('acc')) if name in by else 'not run'
+    tail = lambda name: ', '.join(f'{a:.2f} at {i}' for i, a in by[name]['val_curve'][-3:]) if name in by else ''
     return ['### The training signal (`cache_signal`): a CPU pilot', '',
             'The needle **anywhere** in 512 tokens (`python data/needle/prepare.py --span 0.0 1.0 --out_dir '
             'data/needle_a512`); the paper\'s demo (`data/needle`); the needle in the first 10% with a vocabulary of '
@@ -390,10 +391,18 @@ def signal_pilot(runs):
             f"{test('p-f128-dense1.0-s1')}); with the needle anywhere in 128 both learn ({val('p-a128-dense0.0-s1')}, "
             f"{val('p-a128-dense1.0-s1')}), as does `explore` ({val('p-a128-explore0.0-s1')}). The penalty\'s gradient "
             'reaches every score every step, 1/(B T) each: about a hundred times the task\'s |dL/ds| at the needle '
-            'at initialization (N=512, "Where the signal reaches the needle", at equal batch), so it holds every p '
-            'down until the classifier finds the needle; '
+            'at initialization (N=512, "Where the signal reaches the needle", at equal batch). Our reading: it holds '
+            'every p down until the classifier finds the needle; '
             'an early needle gives the classifier no help from the recurrence, which forgets it before the last '
             'token, and the scores are held down first.',
+            '* **Yet the penalty is what lets the soft signals learn the needle anywhere.** Anywhere in 512, seed 1: '
+            f"`dense` with `p_penalty=1.0` {val('a512-D1-s1')}, without it {val('a512-dense-pen0.0-s1')}; `distill` "
+            f"(the hard read-out plus the pull toward dense content attention, no penalty) {val('a512-distill-s1')}, "
+            f"still rising when its 15 epochs ended ({tail('a512-distill-s1')}), `explore` {val('a512-X-s1')}. "
+            'One penalty weight serves neither placement alone. Our reading, not yet measured: holding every score '
+            'down lets the needle stand out once the classifier can use it, and starves it before. A penalty that starts at zero and grows once the classifier has learned (a warmup) '
+            'is the next thing to measure on the GPU, beside `dense` at '
+            '`p_penalty=0` and `distill` (`results/recall.sh`, set signal).',
             '', '![val accuracy against iterations](results/plots/signal_val_curves.png)', '']
 
 
