@@ -348,7 +348,8 @@ def signal_pilot(runs):
         return ' / '.join(f3(c[s]['caught']) for s in ('val', 'test') if s in c)
 
     rows = [[r['run'], r['dataset'], signal_flags(r), f"{r['best_val']['acc']:.3f} (iter {r['best_val']['iter']})",
-             f3((r.get('test') or {}).get('acc')), caught(r), f"{r['iters']}", f"{r['wall_time_s'] / 60:.0f} min",
+             f3((r.get('test') or {}).get('acc')), caught(r), f"{r['iters']}",
+             'resumed' if '\n' in r['command'] else f"{r['wall_time_s'] / 60:.0f} min",
              f"`{r['command'].split(' --out_dir')[0]}`"] for r in runs]
     by = {r['run']: r for r in runs}
     val = lambda name: f"{f3(by[name]['best_val']['acc'])} (iteration {by[name]['best_val']['iter']})" if name in by else 'not run'
