@@ -399,7 +399,10 @@ def signal_pilot(runs):
             '* **Yet the penalty is what lets the soft signals learn the needle anywhere.** Anywhere in 512, seed 1: '
             f"`dense` with `p_penalty=1.0` {val('a512-D1-s1')}, without it {val('a512-dense-pen0.0-s1')}; `distill` "
             f"(the hard read-out plus the pull toward dense content attention, no penalty) {val('a512-distill-s1')}, "
-            f"still rising when its 15 epochs ended ({tail('a512-distill-s1')}), `explore` {val('a512-X-s1')}. "
+            f"still rising when its 15 epochs ended ({tail('a512-distill-s1')}), `explore` {val('a512-X-s1')}; on "
+            f"the early needle at N=128 `distill` stalls at {val('p-f128-distill0.0-s1')} where `explore` reaches "
+            f"{val('p-f128-explore0.0-s1')}" + (f", and on the demo {val('demo-distill-s1')}" if 'demo-distill-s1' in by
+                                                 else '') + '. '
             'One penalty weight serves neither placement alone. Our reading, not yet measured: holding every score '
             'down lets the needle stand out once the classifier can use it, and starves it before. A penalty that starts at zero and grows once the classifier has learned (a warmup) '
             'is the next thing to measure on the GPU, beside `dense` at '
