@@ -233,7 +233,8 @@ def signal_grad(g):
             'lock-in above comes from.', '']
 
 
-CELLS = {'a512': 'anywhere in 512, K=4', 'demo': "the paper's demo (first 10% of 512), K=4", 'a2048': 'anywhere in 2048, K=16', 'f1024': 'first 10% of 1024, K=4',
+CELLS = {'a512': 'anywhere in 512, K=4', 'a2048': 'anywhere in 2048, K=16', 'f1024': 'first 10% of 1024, K=4',
+         'demo': "the paper's demo (first 10% of 512), K=4",
          'v2000': 'vocabulary 2,000 (8 classes), 512, K=4', 'a8192': 'anywhere in 8192, K=16',
          'demoK1': "the paper's demo, K=1", 'demoK4': "the paper's demo, K=4", 'v5000': 'vocabulary 5,000 (16 classes), K=4',
          'v300c8': 'vocabulary 300, 8 classes, K=4', 'unb512': "the demo, unbounded cache", 'unb2048': 'anywhere in 2048, unbounded cache'}
@@ -295,6 +296,8 @@ def signal_reading(sig):
     a512 = (cmp_.get('a512', {}).get(ch['chosen']) or {}).get('seeds', {}).get('1')
     g512 = goals.get('a512', {}).get('mipt', {}).get('1')
     at_goal = lambda cell: f"{sum(x >= 0.99 for x in seeds(cell))} of {len(seeds(cell))}"
+    at = lambda n, key='acc': [(x.get(n) or {}).get(key) for x in seeds('a2048', key='lengths')]  # other lengths
+    stored = [x for x in seeds('unb2048', 'tau0.5', 'stored_test') if x is not None]
     return [f"**The choice, on val.** {ch['rule'].capitalize()}: `{ch['chosen']}` ({means}). No signal holds in every "
             f"cell. The sampled ones (`explore`, `weighted`) stay at chance on the needle anywhere in 2048 (val "
             f"{val('a2048', 'explore')}, {val('a2048', 'weighted')}) and near it anywhere in 512 "
@@ -310,9 +313,8 @@ def signal_reading(sig):
             f"(K=4) and {loss(soft_early)} in the first 10% of 1024 (the comparison): the soft runs do not fit the "
             'training set, so this is a failure to learn, not a gap between training and the eval top-K.',
             f"* *The needle anywhere.* {span(seeds('a512'))} at 512 and {span(seeds('a2048'))} at 2048 (tested at "
-            f"8k: {span([(x.get('8192') or {}).get('acc') for x in seeds('a2048', key='lengths')])}, at 32k: "
-            f"{span([(x.get('32768') or {}).get('acc') for x in seeds('a2048', key='lengths')])}, with a decoding "
-            f"state of {span([(x.get('32768') or {}).get('state_bytes') for x in seeds('a2048', key='lengths')], '{:,}'.format)}"
+            f"8k: {span(at('8192'))}, at 32k: {span(at('32768'))}, with a decoding state of "
+            f"{span(at('32768', 'state_bytes'), '{:,}'.format)}"
             ' bytes per sequence at every length), caught '
             f"{span(seeds('a2048', key='caught_test'))} at 2048: the plateaus of the lock-in; seeds at 0.99 or more: "
             f"{at_goal('a512')} at 512, {at_goal('a2048')} at 2048.",
@@ -324,8 +326,9 @@ def signal_reading(sig):
             f"{loss(seeds('v5000', key='train_loss'))} and the needle caught in {span(seeds('v5000', key='caught_test'))}"
             ' of test rows: the model fits its 5,000 training sequences without learning the needle ids\' classes, '
             f"and the twin scores {span(seeds('v5000', 'attn'))} at the same budget.",
-            f"* *The unbounded cache* (τ=0.5) scores {span(seeds('unb2048', 'tau0.5'))} anywhere in 2048; its stored "
-            'tokens were not measured (the diagnostics did not finish inside the device call).',
+            f"* *The unbounded cache* (τ=0.5) scores {span(seeds('unb2048', 'tau0.5'))} anywhere in 2048; "
+            + (f'it stores {span(stored)} tokens per sequence.' if stored else
+               'its stored tokens were not measured (the diagnostics did not finish inside the device call).'),
             f"* *Runs are not repeatable across calls.* The same command and seed (`mixed`, anywhere in 512, seed 1) "
             f"reached val {f3(a512 and a512['val'])} in the comparison and {f3(g512 and g512['val'])} in the goals "
             '(the two val curves part at iteration 78): GPU reductions are not bitwise deterministic, and the lock-in '
